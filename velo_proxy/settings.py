@@ -1,0 +1,134 @@
+"""All proxy configuration, in one pydantic-settings class.
+
+Every field reads from an environment variable named ``VELO_<FIELD>`` (case-insensitive), or from
+the matching ``velo-proxy serve`` flag. List and dict fields take JSON (``VELO_MODEL_MAP='{"a": "b"}'``);
+``VELO_API_KEYS`` also takes a comma-separated list.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """Where the proxy keeps models and data unless told otherwise (XDG data dir)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "velo-proxy"
+
+
+DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VELO_", extra="ignore", populate_by_name=True)
+
+    # --- server -----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger bodies get 413."
+    )
+
+    # --- upstream ---------------------------------------------------------------------------
+    upstream_base_url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible upstream, e.g. http://vllm:8000/v1."
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="API key sent to the upstream. Never echoed in responses or logs."
+    )
+    model_map: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Client model name -> litellm model string (e.g. {\"qwen\": \"hosted_vllm/Qwen/Qwen2.5-14B\"}). "
+            "Empty: every model is forwarded as openai/<name> to the upstream base URL. "
+            "When set, models not in the map get 404."
+        ),
+    )
+    upstream_timeout_s: float = Field(120.0, gt=0, description="Timeout of one upstream call, seconds.")
+    upstream_max_retries: int = Field(0, ge=0, description="Retries of a failed upstream call by litellm.")
+
+    # --- auth -------------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Proxy API keys clients must send as 'Authorization: Bearer'. Empty: no auth.",
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="Key for the /admin endpoints ('Authorization: Bearer'). Unset: admin API off."
+    )
+
+    # --- storage ----------------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=lambda: default_home() / "data", description="Embedded store directory.")
+    qdrant_url: str | None = Field(None, description="Qdrant server URL; set to use Qdrant instead of the embedded store (':memory:' for tests).")
+    qdrant_api_key: SecretStr | None = Field(None, description="Qdrant API key.")
+    qdrant_collection: str = Field("velo_cache", description="Qdrant collection name.")
+    redis_url: str | None = Field(None, description="Redis URL for the exact tier and the experience stream. Unset: in-process exact tier, experience off.")
+
+    # --- cache behaviour --------------------------------------------------------------------
+    cache_enabled: bool = Field(True, description="Master switch: false makes the proxy a plain pass-through.")
+    cache_max_temperature: float = Field(
+        0.7, ge=0, description="Requests with a higher temperature are neither looked up nor stored."
+    )
+    cache_tools: bool = Field(False, description="Cache requests that carry tools or tool results.")
+    cache_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="Lifetime of a cache entry, seconds.")
+    cache_max_entries: int = Field(200_000, ge=1, description="Size cap of the semantic store (entries).")
+    eviction_interval: int = Field(
+        1000, ge=1, description="Every this many requests (the paper's xi), drop entries whose cache value is below the mean."
+    )
+    eviction_grace_s: float = Field(
+        24 * 3600, ge=0, description="Entries younger than this are exempt from the below-mean rule, seconds."
+    )
+    exact_cache_size: int = Field(10_000, ge=0, description="Entries of the in-process exact tier (LRU).")
+    similarity_threshold: float = Field(
+        0.95, ge=-1, le=1, description="Static-threshold policy: serve a hit at or above this cosine similarity."
+    )
+    top_p_hits: int = Field(5, ge=1, le=64, description="Hits fetched per request (the policy's P).")
+
+    # --- embedder ---------------------------------------------------------------------------
+    embedder_dir: Path = Field(
+        default_factory=lambda: default_home() / "models" / DEFAULT_EMBEDDER_NAME,
+        description="Directory with model.onnx + tokenizer.json (written by 'velo-proxy models export').",
+    )
+    embedder_url: str | None = Field(
+        None, description="Remote OpenAI-compatible /v1/embeddings base URL; overrides embedder_dir."
+    )
+    embedder_model: str = Field(DEFAULT_EMBEDDER_NAME, description="Model name sent to a remote embedder.")
+    embedder_api_key: SecretStr | None = Field(None, description="API key of a remote embedder.")
+    embedder_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for the embedder.")
+    embed_batch_max: int = Field(32, ge=1, description="Largest micro-batch of concurrent embedding calls.")
+    embed_batch_wait_ms: float = Field(1.0, ge=0, description="How long a micro-batch waits for company, ms.")
+    embed_timeout_ms: float = Field(500.0, gt=0, description="Deadline of one embedding call; past it, go upstream.")
+    search_timeout_ms: float = Field(200.0, gt=0, description="Deadline of one vector search; past it, go upstream.")
+
+    # --- policy -----------------------------------------------------------------------------
+    policy: Literal["threshold", "learned"] = Field("learned", description="Decision policy.")
+    policy_path: Path | None = Field(None, description="ONNX LRS policy; unset: the one shipped in the package.")
+    policy_dir: Path | None = Field(None, description="Directory the retrain job publishes to; watched for new versions.")
+    max_false_hit_rate: float = Field(0.02, gt=0, lt=1, description="Operator's bound on wrong cache hits (delta).")
+    exploration_rate: float = Field(0.0, ge=0, le=1, description="Share of decisions sampled for exploration.")
+    shadow_rate: float = Field(0.05, ge=0, le=1, description="Share of served answers re-asked upstream to verify.")
+    agent_id: str = Field(default_factory=socket.gethostname, description="Edge agent id (experience stream name).")
+    experience_max_len: int = Field(100_000, ge=1, description="Bound on each agent's experience stream.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("upstream_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value

@@ -1,0 +1,101 @@
+"""The cache-store contract shared by the embedded and the Qdrant back-ends.
+
+A store holds cache entries: one vector each (the question's or the answer's: ``kind``, the paper's
+c^k), a scope that every search filters on (hard isolation: a search never returns another scope's
+entry), the question text, the answer payload, and the bookkeeping the policy and eviction use
+(use count c^f, cache value c^r, timestamps). Methods are synchronous and thread-safe; the proxy calls
+them from worker threads under a deadline.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+KIND_QUESTION = 0
+KIND_ANSWER = 1
+
+
+def new_entry_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class CacheEntry:
+    scope: str
+    vector: np.ndarray  # float32 [D], L2-normalised
+    question: str
+    answer: dict[str, Any]  # {"message": {...}, "finish_reason": str, "usage": {...} | None}
+    model: str
+    expires_at: float
+    kind: int = KIND_QUESTION
+    id: str = field(default_factory=new_entry_id)
+    created_at: float = field(default_factory=time.time)
+    use_count: int = 0  # c^f
+    cache_value: float = 0.0  # c^r, see velo_proxy.cache_value
+
+
+@dataclass(slots=True)
+class Hit:
+    entry: CacheEntry
+    similarity: float  # cosine similarity in [-1, 1]
+
+
+@dataclass(slots=True)
+class EvictionReport:
+    expired: int = 0
+    over_size: int = 0
+    below_mean: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.expired + self.over_size + self.below_mean
+
+
+class CacheStore(abc.ABC):
+    """Interface of a cache back-end. ``dim`` is the vector dimension it was opened with."""
+
+    dim: int
+
+    @abc.abstractmethod
+    def add(self, entries: Sequence[CacheEntry]) -> None:
+        """Insert entries atomically: after a crash either all of them are there or none."""
+
+    @abc.abstractmethod
+    def search(self, scope: str, vector: np.ndarray, *, limit: int, now: float | None = None) -> list[Hit]:
+        """Top-``limit`` unexpired entries of ``scope`` by cosine similarity, best first, vectors included."""
+
+    @abc.abstractmethod
+    def get(self, entry_id: str) -> CacheEntry | None: ...
+
+    @abc.abstractmethod
+    def record_use(self, entry_id: str, *, outcome: float = 1.0) -> CacheEntry | None:
+        """Count one use of an entry and fold ``outcome`` (in [0, 1]) into its cache value (Eq. 5)."""
+
+    @abc.abstractmethod
+    def delete(self, entry_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def purge_scope(self, scope: str) -> int:
+        """Delete every entry of a scope; returns how many."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """``{"entries": int, "scopes": {scope: count}}``."""
+
+    @abc.abstractmethod
+    def evict(self, *, now: float | None = None, max_entries: int | None = None,
+              below_mean: bool = False, grace_s: float = 0.0) -> EvictionReport:
+        """Drop expired entries, then the lowest-value entries over ``max_entries``, then (if
+        ``below_mean``) entries older than ``grace_s`` whose cache value is below the mean."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - optional for back-ends with nothing to release
+        """Release files and connections."""
