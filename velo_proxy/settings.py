@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     # --- cache behaviour --------------------------------------------------------------------
     cache_enabled: bool = Field(True, description="Master switch: false makes the proxy a plain pass-through.")
     cache_max_temperature: float = Field(
-        0.7, ge=0, description="Requests with a higher temperature are neither looked up nor stored."
+        1.0, ge=0, description="Requests with a higher temperature (unset counts as OpenAI's default, 1.0) are neither looked up nor stored."
     )
     cache_tools: bool = Field(False, description="Cache requests that carry tools or tool results.")
     cache_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="Lifetime of a cache entry, seconds.")

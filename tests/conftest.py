@@ -1,0 +1,123 @@
+"""Shared fixtures: a fake OpenAI-compatible upstream, real proxies on free ports, a real redis-server,
+the shared evaluation data. Nothing of ours is mocked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from velo_proxy.app import create_app  # noqa: E402
+from velo_proxy.devtools.fake_upstream import create_fake_upstream  # noqa: E402
+from velo_proxy.devtools.server import ServerThread, free_port  # noqa: E402
+from velo_proxy.settings import Settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.fail(f"evaluation data missing: expected ../shared/data at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def embedder_dir() -> Path:
+    path = Settings().embedder_dir
+    if not (path / "model.onnx").exists():
+        pytest.fail(f"no embedder at {path}: run `velo-proxy models export` (the README's install step)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[ServerThread]:
+    server = ServerThread(create_fake_upstream(api_key=UPSTREAM_KEY)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def upstream_requests(fake_upstream: ServerThread) -> list[Any]:
+    """The chat requests the fake upstream receives during one test."""
+    recorded = fake_upstream.app.state.requests
+    recorded.clear()
+    return recorded
+
+
+@pytest.fixture()
+def make_proxy(fake_upstream: ServerThread, tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
+    """Start a real proxy (uvicorn in a thread) with the given settings; stopped after the test."""
+    started: list[ServerThread] = []
+
+    def factory(**overrides: Any) -> ServerThread:
+        values: dict[str, Any] = {
+            "upstream_base_url": f"{fake_upstream.url}/v1",
+            "upstream_api_key": UPSTREAM_KEY,
+            "data_dir": tmp_path / f"data{len(started)}",
+            "policy": "threshold",
+        }
+        values.update(overrides)
+        server = ServerThread(create_app(Settings(**values))).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+class RedisServer:
+    """A real redis-server on a free port, which a test may kill and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `make tools` (apt-get install -y redis-server)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture()
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()

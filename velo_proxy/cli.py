@@ -1,0 +1,105 @@
+"""``velo-proxy`` command line.
+
+    velo-proxy serve [--upstream-base-url URL] [--port 8080] [... one flag per VELO_* setting]
+    velo-proxy models export [--out DIR] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+
+from velo_proxy.settings import Settings
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field; values are parsed by the settings class itself."""
+    for name, field in Settings.model_fields.items():
+        help_text = (field.description or "").replace("%", "%%") + f" [env VELO_{name.upper()}]"
+        parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        annotation = str(field.annotation)
+        if annotation.startswith("dict"):
+            value = json.loads(value)
+        overrides[name] = value
+    return Settings(**overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # litellm logs request details (including headers) at debug level; keep it quiet.
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from velo_proxy.app import create_app
+
+    settings = _settings_from(args)
+    _configure_logging(settings.log_level)
+    if not settings.upstream_base_url and not settings.model_map:
+        logging.getLogger("velo_proxy").warning(
+            "no upstream configured (--upstream-base-url / VELO_UPSTREAM_BASE_URL): only cache hits can be served")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=settings.log_level == "debug", timeout_graceful_shutdown=10)
+    return 0
+
+
+def cmd_models_export(args: argparse.Namespace) -> int:
+    from velo_proxy.model_export import export_embedder
+
+    _configure_logging("info")
+    out = Path(args.out) if args.out else Settings().embedder_dir
+    path = export_embedder(out, force=args.force)
+    print(f"embedder ready at {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="velo-proxy", description="Semantic-cache proxy for OpenAI-compatible chat APIs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="Run the proxy.")
+    _add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    models = commands.add_parser("models", help="Manage the bundled models.")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    export = model_commands.add_parser("export", help="Export the embedder (all-MiniLM-L6-v2) to ONNX (needs the 'export' extra).")
+    export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR].")
+    export.add_argument("--force", action="store_true", help="Export again even if a complete model is there.")
+    export.set_defaults(func=cmd_models_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:
+        print(f"velo-proxy: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""A small OpenAI-compatible chat server for tests, benchmarks and trying the proxy without an LLM.
+
+Every answer is numbered (``[n]``) so a caller can tell a fresh upstream answer from a cached one.
+Behaviour is chosen by the model name:
+
+    fake-error-<status>   answers that HTTP status with an OpenAI error body
+    fake-html-502         answers 502 with an HTML page (a broken gateway in front of the LLM)
+    fake-slow-<ms>        waits <ms> milliseconds before answering
+    fake-drop             streams two chunks, then breaks the connection
+    fake-tools            answers with a tool call
+    fake-length           answers with finish_reason "length"
+    anything else         answers normally, after the server's base latency
+
+Run it: ``python -m velo_proxy.devtools.fake_upstream --port 8001 --latency-ms 500``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return str(content)
+    return ""
+
+
+def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None, chunk_delay_ms: float = 0.0) -> FastAPI:
+    """``api_key`` set: requests without ``Authorization: Bearer <api_key>`` get 401."""
+    app = FastAPI()
+    counter = itertools.count(1)
+    app.state.requests = []  # {"headers", "body"} of every chat request, for assertions
+    app.state.latency_ms = latency_ms
+
+    def _check_key(request: Request) -> Response | None:
+        if api_key is None:
+            return None
+        if request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}}, status_code=401)
+        return None
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return _check_key(request) or JSONResponse({"object": "list", "data": [
+            {"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]})
+
+    @app.get("/_requests")
+    async def recorded() -> list[Any]:
+        return list(app.state.requests)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        denied = _check_key(request)
+        if denied:
+            return denied
+        body = await request.json()
+        app.state.requests.append({"headers": dict(request.headers), "body": body})
+        model = str(body.get("model", ""))
+        if model.startswith("fake-error-"):
+            status = int(model.rsplit("-", 1)[1])
+            return JSONResponse({"error": {"message": f"fake upstream error {status}", "type": "fake_error",
+                                           "param": "model", "code": f"fake_{status}"}}, status_code=status)
+        if model == "fake-html-502":
+            return HTMLResponse("<html><body>502 Bad Gateway</body></html>", status_code=502)
+        delay = app.state.latency_ms
+        if model.startswith("fake-slow-"):
+            delay = float(model.rsplit("-", 1)[1])
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        n = next(counter)
+        text = f"[{n}] Answer to: {_last_user_text(body)}"
+        finish = "length" if model == "fake-length" else "stop"
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if model == "fake-tools":
+            message = {"role": "assistant", "content": None, "tool_calls": [{
+                "id": f"call_{n}", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}
+            finish = "tool_calls"
+        usage = {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 10 + len(text.split())}
+        cid, created = f"chatcmpl-fake-{n}", int(time.time())
+        if not body.get("stream"):
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                                 "usage": usage})
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            return "data: " + json.dumps(data) + "\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            words = text.split(" ")
+            for i, word in enumerate(words):
+                if model == "fake-drop" and i == 2:
+                    raise ConnectionResetError("fake upstream dropped the stream")
+                yield chunk({"content": word if i == 0 else " " + word})
+                if chunk_delay_ms:
+                    await asyncio.sleep(chunk_delay_ms / 1000)
+            yield chunk({}, finish)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                             "model": model, "choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    uvicorn.run(create_fake_upstream(latency_ms=args.latency_ms), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

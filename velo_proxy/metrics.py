@@ -1,0 +1,40 @@
+"""Prometheus metrics, one registry per app (no module-level globals, so several apps can live in one
+process, as they do in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("velo_requests", "Chat requests by action taken.", ["action"], registry=r)
+        self.errors = Counter("velo_errors", "Error responses by HTTP status.", ["status"], registry=r)
+        self.hits = Counter("velo_cache_hits", "Requests answered from the cache (exact or semantic).", registry=r)
+        self.lookups = Counter("velo_cache_lookups", "Requests that were looked up in the cache.", registry=r)
+        self.hit_ratio = Gauge("velo_cache_hit_ratio", "Cache hits / cache lookups since start.", registry=r)
+        self.failures = Counter("velo_component_failures", "Fail-open events by component and reason.",
+                                ["component", "reason"], registry=r)
+        self.request_latency = Histogram("velo_request_seconds", "Time to the full answer, by action.",
+                                         ["action"], buckets=LATENCY_BUCKETS, registry=r)
+        self.embed_latency = Histogram("velo_embed_seconds", "Embedding latency.", buckets=LATENCY_BUCKETS, registry=r)
+        self.search_latency = Histogram("velo_search_seconds", "Vector search latency.", buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_latency = Histogram("velo_upstream_seconds", "Upstream call latency (to the last byte).",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.store_entries = Gauge("velo_store_entries", "Entries in the semantic store.", registry=r)
+        self.policy_version = Gauge("velo_policy_info", "Policy in use (label carries the version).",
+                                    ["version"], registry=r)
+
+    def count_lookup(self, hit: bool) -> None:
+        self.lookups.inc()
+        if hit:
+            self.hits.inc()
+        looked = self.lookups._value.get()  # noqa: SLF001 - prometheus_client exposes no public getter
+        self.hit_ratio.set(self.hits._value.get() / looked if looked else 0.0)  # noqa: SLF001
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
