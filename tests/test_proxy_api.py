@@ -76,6 +76,15 @@ async def test_async_streaming(proxy):
     assert text.endswith("Answer to: async stream")
 
 
+def test_tool_calls_pass_through(proxy, upstream_requests):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+    completion = client(proxy).chat.completions.create(
+        model="fake-tools", messages=[{"role": "user", "content": "use the tool"}], tools=tools, tool_choice="auto")
+    call = completion.choices[0].message.tool_calls[0]
+    assert call.function.name == "lookup" and completion.choices[0].finish_reason == "tool_calls"
+    assert upstream_requests[-1]["body"]["tools"] == tools
+
+
 def test_request_id_echoed_or_generated(proxy):
     given = httpx.get(f"{proxy.url}/healthz", headers={"x-request-id": "my-trace-42"})
     assert given.headers["x-request-id"] == "my-trace-42"

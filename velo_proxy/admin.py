@@ -26,7 +26,7 @@ async def stats(request: Request) -> dict[str, Any]:
     services = _store(request)
     store_stats = await asyncio.to_thread(services.store.stats)
     return {"store": store_stats, "exact_tier": services.exact.name, "policy": services.policy.version,
-            "load_errors": services.load_errors}
+            "pending_tasks": len(services.background), "load_errors": services.load_errors}
 
 
 @admin_router.get("/entries/{entry_id}")
