@@ -102,7 +102,9 @@ class Settings(BaseSettings):
     embedder_api_key: SecretStr | None = Field(None, description="API key of a remote embedder.")
     embedder_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for the embedder.")
     embed_batch_max: int = Field(32, ge=1, description="Largest micro-batch of concurrent embedding calls.")
-    embed_batch_wait_ms: float = Field(1.0, ge=0, description="How long a micro-batch waits for company, ms.")
+    embed_batch_wait_ms: float = Field(
+        0.0, ge=0, description="How long a micro-batch waits for company, ms (under load batches form anyway)."
+    )
     embed_timeout_ms: float = Field(500.0, gt=0, description="Deadline of one embedding call; past it, go upstream.")
     search_timeout_ms: float = Field(200.0, gt=0, description="Deadline of one vector search; past it, go upstream.")
 
