@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from velo_proxy import __version__
-from velo_proxy.engine import ChatEngine, Services
+from velo_proxy.engine import ChatEngine
 from velo_proxy.errors import ProxyError, install_error_handlers, validation_error
 from velo_proxy.metrics import Metrics
 from velo_proxy.middleware import RequestIdMiddleware
-from velo_proxy.protocol import ChatCompletionRequest, ModelCard, ModelList
+from velo_proxy.protocol import ChatCompletionRequest, Feedback, ModelCard, ModelList
+from velo_proxy.services import Services
 from velo_proxy.settings import Settings
 
 log = logging.getLogger("velo_proxy")
@@ -127,6 +128,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ValidationError as exc:
             raise validation_error(exc) from None
         return await app.state.engine.handle(chat, payload, caller=caller, request=request)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        app.state.auth.caller(request)
+        payload = await read_json_body(request, limit=settings.max_body_bytes)
+        try:
+            body = Feedback.model_validate(payload)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        return JSONResponse(await app.state.engine.feedback(body.id, body.score))
 
     @app.get("/v1/models")
     @app.get("/models", include_in_schema=False)

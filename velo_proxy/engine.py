@@ -1,7 +1,7 @@
 """The request pipeline (DESIGN.md, "Request path"):
 
 parse -> scope -> cacheability gate -> exact tier -> embed -> search -> policy -> act (A | B | C)
--> store the new answer -> maintenance.
+-> store the new answer -> experience, shadow checks, maintenance (after the response).
 
 The cache is an optimisation: the embedder, the store and Redis each sit behind a deadline and a
 circuit breaker, and any failure sends the request upstream (B) with a metric and a log line.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,153 +22,31 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from velo_proxy.augment import augmented_payload
 from velo_proxy.cache_value import INITIAL_VALUE
 from velo_proxy.errors import ProxyError, error_event
-from velo_proxy.exact import ExactTier, LocalExactTier, RedisExactTier
-from velo_proxy.metrics import Metrics
-from velo_proxy.policy import Decision, Policy, ThresholdPolicy
+from velo_proxy.policy import Decision, Policy
 from velo_proxy.protocol import ChatCompletionRequest, completion_from_message
 from velo_proxy.scope import CacheKey, Gate, cache_gate, cache_key
+from velo_proxy.services import REDIS_TIMEOUT_S, Answered, Services
 from velo_proxy.settings import Settings
 from velo_proxy.sse import DONE, StreamAssembler, replay, replay_chunks, sse
-from velo_proxy.store.base import CacheEntry, CacheStore, Hit
-from velo_proxy.upstream import Upstream
+from velo_proxy.store.base import CacheEntry, Hit
 
 log = logging.getLogger("velo_proxy.engine")
 T = TypeVar("T")
 
-BREAKER_COOLDOWN_S = 5.0  # after a failure, skip a component this long instead of paying its timeout again
-REDIS_TIMEOUT_S = 0.25
-
-
-class Breaker:
-    """Per-component circuit breaker: open for a cool-down after a failure."""
-
-    def __init__(self, cooldown_s: float = BREAKER_COOLDOWN_S) -> None:
-        self.cooldown_s = cooldown_s
-        self._open_until: dict[str, float] = {}
-
-    def allows(self, component: str) -> bool:
-        return time.monotonic() >= self._open_until.get(component, 0.0)
-
-    def trip(self, component: str) -> None:
-        self._open_until[component] = time.monotonic() + self.cooldown_s
-
-    def reset(self, component: str) -> None:
-        self._open_until.pop(component, None)
-
-
-@dataclass
-class Services:
-    """Long-lived components, created in the app's lifespan and closed there."""
-
-    settings: Settings
-    metrics: Metrics
-    upstream: Upstream
-    exact: ExactTier
-    policy: Policy
-    embedder: Any = None  # velo_proxy.embedder.Embedder
-    store: CacheStore | None = None
-    redis: Any = None  # redis.asyncio.Redis
-    load_errors: dict[str, str] = field(default_factory=dict)
-    breaker: Breaker = field(default_factory=Breaker)
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
-
-    @classmethod
-    async def start(cls, *, settings: Settings, metrics: Metrics) -> "Services":
-        upstream = Upstream(
-            base_url=settings.upstream_base_url,
-            api_key=settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None,
-            model_map=settings.model_map,
-            timeout_s=settings.upstream_timeout_s,
-            max_retries=settings.upstream_max_retries,
-        )
-        await upstream.start()
-        redis_client = None
-        if settings.redis_url:
-            import redis.asyncio as aioredis
-
-            redis_client = aioredis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                             socket_connect_timeout=REDIS_TIMEOUT_S, decode_responses=True)
-        exact: ExactTier = (RedisExactTier(redis_client) if redis_client is not None
-                            else LocalExactTier(max_entries=settings.exact_cache_size))
-        services = cls(settings=settings, metrics=metrics, upstream=upstream, exact=exact,
-                       policy=ThresholdPolicy(threshold=settings.similarity_threshold), redis=redis_client)
-        if settings.cache_enabled:
-            await services._load_cache()
-        services.metrics.policy_version.labels(services.policy.version).set(1)
-        return services
-
-    async def _load_cache(self) -> None:
-        from velo_proxy.embedder import build_embedder
-        from velo_proxy.store import open_store
-
-        try:
-            embedder = build_embedder(self.settings)
-            await embedder.start()
-            self.embedder = embedder
-        except Exception as exc:  # noqa: BLE001 - fail open: serve without the semantic tier
-            self.load_errors["embedder"] = f"{type(exc).__name__}: {exc}"
-            log.error("embedder unavailable, semantic cache off: %s", exc)
-            return
-        try:
-            self.store = await asyncio.to_thread(open_store, self.settings, dim=self.embedder.dim)
-        except Exception as exc:  # noqa: BLE001
-            self.load_errors["store"] = f"{type(exc).__name__}: {exc}"
-            log.error("cache store unavailable, semantic cache off: %s", exc)
-
-    @property
-    def semantic_ready(self) -> bool:
-        return self.embedder is not None and self.store is not None
-
-    async def aclose(self) -> None:
-        if self.background:
-            await asyncio.wait(list(self.background), timeout=5.0)
-        await self.upstream.aclose()
-        if self.embedder is not None:
-            await self.embedder.aclose()
-        if self.store is not None:
-            await asyncio.to_thread(self.store.close)
-        await self.exact.aclose()
-        if self.redis is not None:
-            await self.redis.aclose()
-
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        """Run work after the response without losing the task (and its exceptions) to the GC."""
-        task = asyncio.ensure_future(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def readiness(self) -> dict[str, tuple[bool, str]]:
-        checks: dict[str, tuple[bool, str]] = {"upstream": (True, "configured" if self.upstream.base_url or self.upstream.model_map else "not configured")}
-        if self.settings.cache_enabled:
-            checks["embedder"] = (self.embedder is not None, self.load_errors.get("embedder", "loaded"))
-            checks["store"] = (self.store is not None, self.load_errors.get("store", "open"))
-        if self.redis is not None:
-            try:
-                await asyncio.wait_for(self.redis.ping(), REDIS_TIMEOUT_S)
-                checks["redis"] = (True, "ok")
-            except Exception as exc:  # noqa: BLE001 - Redis down degrades, it does not make us unready
-                checks["redis"] = (True, f"degraded (fail-open): {type(exc).__name__}")
-        return checks
-
-    def refresh_gauges(self) -> None:
-        if self.store is not None:
-            try:
-                self.metrics.store_entries.set(len(self.store))
-            except Exception:  # noqa: BLE001
-                pass
-
 
 @dataclass
 class Trace:
-    """What happened to one request; becomes the x-velo-* response headers."""
+    """What happened to one request; becomes the x-velo-* response headers and the experience."""
 
     request_id: str
+    policy: Policy
     action: str = "B"
     similarity: float | None = None
     entry: str | None = None
-    policy: str = ""
+    decision: Decision | None = None
     started: float = field(default_factory=time.perf_counter)
 
     def headers(self) -> dict[str, str]:
@@ -174,8 +54,14 @@ class Trace:
             "x-velo-action": self.action,
             "x-velo-similarity": "" if self.similarity is None else f"{self.similarity:.4f}",
             "x-velo-entry": self.entry or "",
-            "x-velo-policy": self.policy,
+            "x-velo-policy": self.policy.version,
         }
+
+
+def answer_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(cosine, q) of two answer embeddings; q = -L2 distance, the paper's satisfaction (Eq. 2)."""
+    cosine = float(np.dot(a, b))
+    return cosine, -math.sqrt(max(0.0, 2.0 - 2.0 * cosine))
 
 
 class ChatEngine:
@@ -184,6 +70,7 @@ class ChatEngine:
         self.services = services
         self.metrics = services.metrics
         self._requests_since_eviction = 0
+        self._rng = random.Random()
 
     # ----- fail-open plumbing -------------------------------------------------------------------
     async def _guarded(self, component: str, call: Callable[[], Awaitable[T]], *, timeout_s: float) -> T | None:
@@ -192,36 +79,32 @@ class ChatEngine:
             self.metrics.failures.labels(component, "breaker_open").inc()
             return None
         try:
-            result = await asyncio.wait_for(call(), timeout_s)
+            return await asyncio.wait_for(call(), timeout_s)
         except asyncio.TimeoutError:
             self._fail(component, "timeout", None)
-            return None
         except Exception as exc:  # noqa: BLE001 - the cache never fails a request
             self._fail(component, type(exc).__name__, exc)
-            return None
-        return result
+        return None
 
     def _fail(self, component: str, reason: str, exc: BaseException | None) -> None:
         self.metrics.failures.labels(component, reason).inc()
         self.services.breaker.trip(component)
         log.warning("%s failed (%s), failing open%s", component, reason, f": {exc}" if exc else "")
 
-    async def _embed(self, text: str) -> np.ndarray | None:
+    async def _embed(self, texts: list[str]) -> np.ndarray | None:
         embedder = self.services.embedder
         t0 = time.perf_counter()
-        vectors = await self._guarded("embedder", lambda: embedder.embed([text]),
+        vectors = await self._guarded("embedder", lambda: embedder.embed(texts),
                                       timeout_s=self.settings.embed_timeout_ms / 1000)
-        if vectors is None:
-            return None
-        self.metrics.embed_latency.observe(time.perf_counter() - t0)
-        return vectors[0]
+        if vectors is not None:
+            self.metrics.embed_latency.observe(time.perf_counter() - t0)
+        return vectors
 
-    async def _search(self, scope: str, vector: np.ndarray) -> list[Hit] | None:
+    async def _search(self, scope: str, vector: np.ndarray, limit: int) -> list[Hit] | None:
         store = self.services.store
         t0 = time.perf_counter()
-        hits = await self._guarded(
-            "store", lambda: asyncio.to_thread(store.search, scope, vector, limit=self.settings.top_p_hits),
-            timeout_s=self.settings.search_timeout_ms / 1000)
+        hits = await self._guarded("store", lambda: asyncio.to_thread(store.search, scope, vector, limit=limit),
+                                   timeout_s=self.settings.search_timeout_ms / 1000)
         if hits is not None:
             self.metrics.search_latency.observe(time.perf_counter() - t0)
         return hits
@@ -233,7 +116,8 @@ class ChatEngine:
     # ----- the pipeline -------------------------------------------------------------------------
     async def handle(self, chat: ChatCompletionRequest, payload: dict[str, Any], *, caller: Any,
                      request: Request) -> Response:
-        trace = Trace(request_id=request.state.request_id, policy=self.services.policy.version)
+        # one policy object for the whole request, even if a new version is swapped in meanwhile
+        trace = Trace(request_id=request.state.request_id, policy=self.services.policy)
         self.services.upstream.resolve(chat.model)  # unknown model -> 404 before any work
         gate = cache_gate(chat, request.headers, self.settings)
         key = cache_key(chat, payload, tenant=caller.tenant) if (gate.lookup or gate.store) else None
@@ -242,6 +126,7 @@ class ChatEngine:
         stream = bool(chat.stream)
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         vector: np.ndarray | None = None
+        forward_payload = payload
 
         if gate.lookup:
             assert key is not None
@@ -253,25 +138,35 @@ class ChatEngine:
                     self.services.spawn(self._record_use(cached["entry"]))
                 return self._serve(chat, cached["answer"], trace, stream=stream, include_usage=include_usage)
             if self.services.semantic_ready:
-                vector = await self._embed(key.question)
-                hits = await self._search(key.scope, vector) if vector is not None else None
+                vectors = await self._embed([key.question])
+                vector = vectors[0] if vectors is not None else None
+                hits = await self._search(key.scope, vector, trace.policy.top_p) if vector is not None else None
                 if hits is not None:
-                    decision = self.services.policy.decide(vector, hits, now=time.time())
+                    decision = trace.policy.decide(vector, hits, now=time.time())
+                    trace.decision = decision
                     trace.similarity = hits[0].similarity if hits else None
                     if decision.action == "A" and decision.entry is not None:
-                        return self._serve_hit(chat, key, decision, trace, stream=stream, include_usage=include_usage)
+                        return self._serve_hit(chat, payload, key, decision, trace, caller, stream=stream,
+                                               include_usage=include_usage)
+                    if decision.action == "C" and decision.entry is not None:
+                        trace.action = "C"
+                        forward_payload = augmented_payload(
+                            payload, question=decision.entry.entry.question,
+                            answer=str(decision.entry.entry.answer["message"].get("content") or ""),
+                            max_tokens=self.settings.augment_max_tokens)
+                        self.services.spawn(self._record_use(decision.entry.entry.id))
             self.metrics.count_lookup(False)
 
         self._tick_maintenance()
         store_key = key if gate.store else None
-        if store_key is not None:
-            trace.entry = uuid.uuid4().hex  # the id this answer will be stored under
+        new_entry = uuid.uuid4().hex if store_key is not None else None
         if stream:
-            return await self._forward_stream(chat, payload, caller, trace, store_key, vector, include_usage)
-        return await self._forward(chat, payload, caller, trace, store_key, vector)
+            return await self._forward_stream(chat, forward_payload, caller, trace, store_key, vector, new_entry)
+        return await self._forward(chat, forward_payload, caller, trace, store_key, vector, new_entry)
 
     async def _still_valid(self, cached: dict[str, Any]) -> bool:
-        """An exact-tier answer whose store entry was deleted (admin, eviction) is stale."""
+        """An exact-tier answer whose store entry was deleted (admin, eviction, failed shadow check)
+        is stale."""
         entry_id = cached.get("entry")
         store = self.services.store
         if not entry_id or store is None:
@@ -280,8 +175,8 @@ class ChatEngine:
                                     timeout_s=self.settings.search_timeout_ms / 1000)
         return found is not None or not self.services.breaker.allows("store")
 
-    def _serve_hit(self, chat: ChatCompletionRequest, key: CacheKey, decision: Decision, trace: Trace, *,
-                   stream: bool, include_usage: bool) -> Response:
+    def _serve_hit(self, chat: ChatCompletionRequest, payload: dict[str, Any], key: CacheKey, decision: Decision,
+                   trace: Trace, caller: Any, *, stream: bool, include_usage: bool) -> Response:
         hit = decision.entry
         assert hit is not None
         trace.action, trace.entry, trace.similarity = "A", hit.entry.id, hit.similarity
@@ -289,13 +184,15 @@ class ChatEngine:
         self.services.spawn(self._record_use(hit.entry.id))
         self.services.spawn(self._exact_set(key, hit.entry.id, hit.entry.answer))
         self._tick_maintenance()
-        return self._serve(chat, hit.entry.answer, trace, stream=stream, include_usage=include_usage)
+        response = self._serve(chat, hit.entry.answer, trace, stream=stream, include_usage=include_usage)
+        if self.settings.shadow_rate > 0 and self._rng.random() < self.settings.shadow_rate:
+            self.services.spawn(self._shadow_check(payload, caller, hit, trace.request_id))
+        return response
 
     def _serve(self, chat: ChatCompletionRequest, answer: dict[str, Any], trace: Trace, *, stream: bool,
                include_usage: bool) -> Response:
         completion_id = f"chatcmpl-velo-{uuid.uuid4().hex[:24]}"
-        self.metrics.requests.labels(trace.action).inc()
-        self.metrics.request_latency.labels(trace.action).observe(time.perf_counter() - trace.started)
+        self._finished(trace, completion_id)
         if stream:
             chunks = replay_chunks(completion_id=completion_id, model=chat.model, message=answer["message"],
                                    finish_reason=answer.get("finish_reason"), usage=answer.get("usage"),
@@ -306,33 +203,35 @@ class ChatEngine:
         return JSONResponse(body, headers=trace.headers())
 
     async def _forward(self, chat: ChatCompletionRequest, payload: dict[str, Any], caller: Any, trace: Trace,
-                       store_key: CacheKey | None, vector: np.ndarray | None) -> Response:
+                       store_key: CacheKey | None, vector: np.ndarray | None, new_entry: str | None) -> Response:
         t0 = time.perf_counter()
         data = await self.services.upstream.complete(payload, client_key=caller.client_key)
         self.metrics.upstream_latency.observe(time.perf_counter() - t0)
         choice = (data.get("choices") or [{}])[0]
         message = choice.get("message") or {}
+        trace.entry = None
         if store_key is not None and choice.get("finish_reason") == "stop" and not message.get("tool_calls") \
                 and isinstance(message.get("content"), str):
             answer = {"message": {"role": "assistant", "content": message["content"]},
                       "finish_reason": "stop", "usage": data.get("usage")}
-            self.services.spawn(self._store_answer(store_key, vector, answer, chat.model, trace.entry))
-        else:
-            trace.entry = None
-        self.metrics.requests.labels(trace.action).inc()
-        self.metrics.request_latency.labels(trace.action).observe(time.perf_counter() - trace.started)
+            trace.entry = new_entry
+            self.services.spawn(self._store_answer(store_key, vector, answer, chat.model, new_entry))
+        self._finished(trace, data.get("id"))
         return JSONResponse(data, headers=trace.headers())
 
     async def _forward_stream(self, chat: ChatCompletionRequest, payload: dict[str, Any], caller: Any,
                               trace: Trace, store_key: CacheKey | None, vector: np.ndarray | None,
-                              include_usage: bool) -> Response:
+                              new_entry: str | None) -> Response:
         t0 = time.perf_counter()
         chunks = await self.services.upstream.stream(payload, client_key=caller.client_key)
+        trace.entry = new_entry  # the id the answer gets if the stream completes normally
 
         async def relay() -> AsyncIterator[bytes]:
             assembler = StreamAssembler()
+            completion_id = None
             try:
                 async for chunk in chunks:
+                    completion_id = completion_id or chunk.get("id")
                     assembler.feed(chunk)
                     yield sse(chunk)
             except ProxyError as err:
@@ -343,14 +242,30 @@ class ChatEngine:
                 return
             yield DONE
             self.metrics.upstream_latency.observe(time.perf_counter() - t0)
-            self.metrics.requests.labels(trace.action).inc()
-            self.metrics.request_latency.labels(trace.action).observe(time.perf_counter() - trace.started)
+            self._finished(trace, completion_id)
             # only a stream that completed normally is cached
             if store_key is not None and assembler.cacheable and assembler.finish_reason == "stop":
                 answer = {"message": assembler.message(), "finish_reason": "stop", "usage": assembler.usage}
-                self.services.spawn(self._store_answer(store_key, vector, answer, chat.model, trace.entry))
+                self.services.spawn(self._store_answer(store_key, vector, answer, chat.model, new_entry))
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=trace.headers())
+
+    def _finished(self, trace: Trace, completion_id: str | None) -> None:
+        """Bookkeeping once the answer is complete: metrics, feedback registry, experience."""
+        delay = time.perf_counter() - trace.started
+        self.metrics.requests.labels(trace.action).inc()
+        self.metrics.request_latency.labels(trace.action).observe(delay)
+        served_entry = trace.entry if trace.action in ("A", "exact") else None
+        if trace.action == "C" and trace.decision is not None and trace.decision.entry is not None:
+            served_entry = trace.decision.entry.entry.id
+        self.services.recent.add(Answered(trace.request_id, trace.action, served_entry), completion_id)
+        decision = trace.decision
+        if self.services.experience is not None and decision is not None and decision.observation is not None:
+            self.services.spawn(self._guarded("experience", lambda: self.services.experience.decision(
+                request_id=trace.request_id, action=decision.action, probability=decision.probability,
+                probs=decision.probs, explored=decision.explored, policy=trace.policy.version, delay_s=delay,
+                entry=decision.entry.entry.id if decision.entry is not None else None,
+                observation=decision.observation), timeout_s=REDIS_TIMEOUT_S * 2))
 
     # ----- after the response -------------------------------------------------------------------
     async def _store_answer(self, key: CacheKey, vector: np.ndarray | None, answer: dict[str, Any], model: str,
@@ -359,15 +274,16 @@ class ChatEngine:
         store = self.services.store
         if self.services.semantic_ready:
             if vector is None:
-                vector = await self._embed(key.question)
+                vectors = await self._embed([key.question])
+                vector = vectors[0] if vectors is not None else None
             if vector is not None:
                 now = time.time()
                 entry = CacheEntry(scope=key.scope, vector=np.asarray(vector, dtype=np.float32), question=key.question,
                                    answer=answer, model=model, expires_at=now + self.settings.cache_ttl_s,
                                    created_at=now, cache_value=INITIAL_VALUE, id=entry_id or uuid.uuid4().hex)
-                added = await self._guarded("store", lambda: asyncio.to_thread(store.add, [entry]),
+                added = await self._guarded("store", lambda: asyncio.to_thread(lambda: store.add([entry]) or True),
                                             timeout_s=max(1.0, self.settings.search_timeout_ms / 1000 * 5))
-                if added is not None or self.services.breaker.allows("store"):
+                if added:
                     stored_id = entry.id
         await self._exact_set(key, stored_id, answer)
 
@@ -381,6 +297,50 @@ class ChatEngine:
         if store is not None:
             await self._guarded("store", lambda: asyncio.to_thread(store.record_use, entry_id, outcome=outcome),
                                 timeout_s=1.0)
+
+    async def _shadow_check(self, payload: dict[str, Any], caller: Any, hit: Hit, request_id: str) -> None:
+        """Ask the upstream the served question too; the answers' agreement is the reward of this
+        decision, updates the entry's cache value (Eq. 5), and evicts an entry that fails."""
+        try:
+            fresh = await self.services.upstream.complete({**payload, "stream": False}, client_key=caller.client_key)
+        except ProxyError as err:
+            self.metrics.failures.labels("shadow", f"upstream_{err.status}").inc()
+            return
+        fresh_text = str(((fresh.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+        cached_text = str(hit.entry.answer["message"].get("content") or "")
+        vectors = await self._embed([fresh_text, cached_text])
+        if vectors is None:
+            return
+        cosine, q = answer_agreement(vectors[0], vectors[1])
+        self.metrics.shadow_checks.labels("pass" if cosine >= self.settings.shadow_fail_below else "fail").inc()
+        await self._record_use(hit.entry.id, outcome=max(0.0, cosine))
+        if cosine < self.settings.shadow_fail_below:
+            log.info("shadow check failed for entry %s (agreement %.3f): evicted", hit.entry.id, cosine)
+            store = self.services.store
+            await self._guarded("store", lambda: asyncio.to_thread(store.delete, hit.entry.id), timeout_s=1.0)
+        await self.log_reward(request_id, source="shadow", q=q, score=max(0.0, cosine))
+
+    async def log_reward(self, request_id: str, *, source: str, q: float, score: float) -> bool:
+        experience = self.services.experience
+        if experience is None:
+            return False
+        done = await self._guarded("experience", lambda: experience.reward(
+            request_id=request_id, source=source, q=q, score=score), timeout_s=REDIS_TIMEOUT_S * 2)
+        return done is not None or self.services.breaker.allows("experience")
+
+    async def feedback(self, response_id: str, score: float) -> dict[str, Any]:
+        """An explicit score in [0, 1] for a recent response: reward in the stream, and for answers
+        served from the cache, an outcome folded into the entry's cache value."""
+        answered = self.services.recent.get(response_id)
+        if answered is None:
+            raise ProxyError(404, f"No recent response '{response_id}' on this proxy.", param="id",
+                             code="response_not_found")
+        if answered.entry and answered.action in ("A", "exact", "C"):
+            await self._record_use(answered.entry, outcome=score)
+        # satisfaction on the paper's scale: -L2 between unit vectors spans [-2, 0]
+        logged = await self.log_reward(answered.request_id, source="feedback", q=2.0 * (score - 1.0), score=score)
+        return {"id": response_id, "request_id": answered.request_id, "action": answered.action,
+                "entry": answered.entry, "recorded": True, "experience": logged}
 
     def _tick_maintenance(self) -> None:
         """Every xi requests: TTL, size cap, and the paper's below-mean rule, in the background."""

@@ -25,6 +25,8 @@ class Metrics:
         self.search_latency = Histogram("velo_search_seconds", "Vector search latency.", buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_latency = Histogram("velo_upstream_seconds", "Upstream call latency (to the last byte).",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.shadow_checks = Counter("velo_shadow_checks", "Shadow verifications of served answers, by result.",
+                                     ["result"], registry=r)
         self.store_entries = Gauge("velo_store_entries", "Entries in the semantic store.", registry=r)
         self.policy_version = Gauge("velo_policy_info", "Policy in use (label carries the version).",
                                     ["version"], registry=r)

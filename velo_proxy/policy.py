@@ -1,43 +1,206 @@
 """Decision policies: given the request vector and its top-P hits, choose A (serve a cached answer),
-B (forward upstream) or C (forward with cached Q&A as context)."""
+B (forward upstream) or C (forward with cached Q&A as context).
+
+- ``ThresholdPolicy``: the static cosine threshold GPTCache and LiteLLM ship.
+- ``LearnedPolicy``: the exported LRS actor (ONNX, onnxruntime only), fed by ``velo_proxy.features``
+  exactly as in training, with the calibrated rule that bounds the false-hit rate.
+- ``PolicyDirectory``: where the retrain job publishes versions; proxies hot-reload from it.
+"""
 
 from __future__ import annotations
 
 import abc
+import json
+import logging
+import os
+import random
+import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
+from velo_proxy import features as F
 from velo_proxy.store.base import Hit
 
-ACTIONS = ("A", "B", "C")
+log = logging.getLogger("velo_proxy.policy")
+
+ACTIONS = F.ACTIONS  # ("A", "B", "C")
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: str  # "A" | "B" | "C"
     entry: Hit | None  # the hit A serves or C uses as context
-    probability: float  # probability of the chosen action under the policy (1.0 for deterministic ones)
-    probs: tuple[float, float, float] | None = None  # (A, B, C) when the policy is stochastic
+    probability: float  # probability that this policy (exploration included) takes this action here
+    probs: tuple[float, float, float] | None = None  # the actor's (A, B, C)
+    observation: F.Observation | None = None  # what the actor saw (logged as experience)
+    explored: bool = False
 
 
 class Policy(abc.ABC):
     version: str
+    top_p: int
 
     @abc.abstractmethod
     def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float) -> Decision: ...
 
 
 class ThresholdPolicy(Policy):
-    """Serve the best hit when its cosine similarity reaches a fixed threshold (how GPTCache and
-    LiteLLM decide); otherwise forward."""
+    """Serve the best hit when its cosine similarity reaches a fixed threshold; otherwise forward."""
 
-    def __init__(self, *, threshold: float) -> None:
+    def __init__(self, *, threshold: float, top_p: int = 5) -> None:
         self.threshold = threshold
+        self.top_p = top_p
         self.version = f"threshold-{threshold:g}"
 
     def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float) -> Decision:
         if hits and hits[0].similarity >= self.threshold:
             return Decision("A", hits[0], 1.0)
         return Decision("B", None, 1.0)
+
+
+class PolicyMismatch(ValueError):
+    """The policy file was built for another embedder or another feature contract."""
+
+
+def default_policy_path() -> Path:
+    return Path(str(resources.files("velo_proxy") / "policies" / "lrs-default.onnx"))
+
+
+def serve_threshold(calibration: dict[str, Any], max_false_hit_rate: float) -> float:
+    """The P(A) threshold calibrated for the largest tabulated delta not above the operator's bound
+    (conservative: a bound between two rows uses the stricter row)."""
+    rows = sorted(((float(r["delta"]), float(r["threshold"])) for r in calibration["table"]), key=lambda r: r[0])
+    eligible = [threshold for delta, threshold in rows if delta <= max_false_hit_rate + 1e-12]
+    if not eligible:
+        return 1.01  # stricter than anything calibrated: never serve from the cache
+    return eligible[-1]
+
+
+class LearnedPolicy(Policy):
+    """The LRS actor. ``decide``: A when P(A) reaches the calibrated threshold for the configured
+    false-hit bound, else the likelier of B and C. With ``exploration_rate`` e, a random action is
+    taken with probability e, and the logged probability accounts for it (off-policy correction)."""
+
+    def __init__(self, path: Path, *, embedder_id: str, dim: int, max_false_hit_rate: float,
+                 exploration_rate: float = 0.0, seed: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise PolicyMismatch(f"policy file {self.path} does not exist")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - a corrupt file is a refused policy, not a crash
+            raise PolicyMismatch(f"policy file {self.path} is not a loadable ONNX model: {exc}") from exc
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.metadata = meta
+        self._check(meta, embedder_id=embedder_id, dim=dim)
+        self.top_p = int(meta["velo_top_p"])
+        self.version = meta.get("velo_policy_version", self.path.stem)
+        self.calibration = json.loads(meta["velo_calibration"])
+        self.max_false_hit_rate = max_false_hit_rate
+        self.threshold = serve_threshold(self.calibration, max_false_hit_rate)
+        self.exploration_rate = exploration_rate
+        self._rng = random.Random(seed)
+        self._output = self.session.get_outputs()[0].name
+
+    @staticmethod
+    def _check(meta: dict[str, str], *, embedder_id: str, dim: int) -> None:
+        required = ("velo_feature_version", "velo_embedder_id", "velo_dim", "velo_top_p", "velo_k", "velo_calibration")
+        missing = [k for k in required if k not in meta]
+        if missing:
+            raise PolicyMismatch(f"policy metadata lacks {', '.join(missing)}: not a VELO policy export")
+        problems = []
+        if int(meta["velo_feature_version"]) != F.FEATURE_VERSION:
+            problems.append(f"feature version {meta['velo_feature_version']} != serving's {F.FEATURE_VERSION}")
+        if int(meta["velo_k"]) != F.K:
+            problems.append(f"K={meta['velo_k']} hit features != serving's {F.K}")
+        names = meta.get("velo_hit_features")
+        if names is not None and tuple(json.loads(names)) != F.HIT_FEATURE_NAMES:
+            problems.append("hit feature names differ from velo_proxy.features")
+        if meta["velo_embedder_id"] != embedder_id:
+            problems.append(f"trained on embedder '{meta['velo_embedder_id']}', serving uses '{embedder_id}'")
+        if int(meta["velo_dim"]) != dim:
+            problems.append(f"D={meta['velo_dim']} != the embedder's {dim}")
+        if problems:
+            raise PolicyMismatch("policy does not match this proxy: " + "; ".join(problems))
+
+    def probs(self, observations: Sequence[F.Observation]) -> np.ndarray:
+        """Action probabilities [B, 3] (A, B, C)."""
+        return self.session.run([self._output], F.stack_observations(observations))[0]
+
+    def rule(self, p: np.ndarray, has_hits: bool) -> int:
+        if has_hits and p[F.ACTION_A] >= self.threshold:
+            return F.ACTION_A
+        if has_hits and p[F.ACTION_C] > p[F.ACTION_B]:
+            return F.ACTION_C
+        return F.ACTION_B
+
+    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float) -> Decision:
+        observation = F.build_observation(request_vector, hits, top_p=self.top_p, now=now)
+        p = self.probs([observation])[0]
+        has_hits = bool(hits)
+        chosen = self.rule(p, has_hits)
+        allowed = [F.ACTION_A, F.ACTION_B, F.ACTION_C] if has_hits else [F.ACTION_B]
+        explored = False
+        if self.exploration_rate > 0 and len(allowed) > 1 and self._rng.random() < self.exploration_rate:
+            chosen, explored = self._rng.choice(allowed), True
+        probability = (1 - self.exploration_rate) * (1.0 if chosen == self.rule(p, has_hits) else 0.0)
+        probability += self.exploration_rate / len(allowed) if len(allowed) > 1 else self.exploration_rate
+        entry = None
+        if chosen in (F.ACTION_A, F.ACTION_C):
+            index = F.select_entry(hits, top_p=self.top_p)
+            entry = hits[index] if index is not None else None
+        return Decision(ACTIONS[chosen], entry, float(probability), tuple(float(x) for x in p), observation, explored)
+
+
+# ----- publishing and hot reload ------------------------------------------------------------------
+
+CURRENT = "CURRENT"
+
+
+class PolicyDirectory:
+    """A directory of published policy versions: ``versions/<version>.onnx`` plus a ``CURRENT``
+    pointer (JSON: version, file, published_at, metrics). Both are written atomically (temp file +
+    rename), so a reader sees the old version or the new one, never half a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def current(self) -> dict[str, Any] | None:
+        try:
+            pointer = json.loads((self.root / CURRENT).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        pointer["path"] = str(self.root / "versions" / pointer["file"])
+        return pointer
+
+    def publish(self, onnx_bytes: bytes, *, version: str, info: dict[str, Any] | None = None) -> Path:
+        versions = self.root / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        target = versions / f"{version}.onnx"
+        _atomic_write(target, onnx_bytes)
+        pointer = {"version": version, "file": target.name, **(info or {})}
+        _atomic_write(self.root / CURRENT, json.dumps(pointer, indent=2).encode())
+        return target
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

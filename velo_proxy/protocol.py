@@ -45,6 +45,14 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
 
+class Feedback(BaseModel):
+    """POST /v1/feedback: a user's score for a recent response."""
+
+    id: str = Field(min_length=1, description="The response's id (chatcmpl-...) or its x-request-id.")
+    score: float = Field(ge=0, le=1, description="1 = the answer was right and useful, 0 = wrong.")
+    comment: str | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -113,8 +113,14 @@ class Settings(BaseSettings):
     policy_path: Path | None = Field(None, description="ONNX LRS policy; unset: the one shipped in the package.")
     policy_dir: Path | None = Field(None, description="Directory the retrain job publishes to; watched for new versions.")
     max_false_hit_rate: float = Field(0.02, gt=0, lt=1, description="Operator's bound on wrong cache hits (delta).")
+    policy_reload_s: float = Field(10.0, gt=0, description="How often the policy directory is checked for a new version, seconds.")
     exploration_rate: float = Field(0.0, ge=0, le=1, description="Share of decisions sampled for exploration.")
     shadow_rate: float = Field(0.05, ge=0, le=1, description="Share of served answers re-asked upstream to verify.")
+    shadow_fail_below: float = Field(
+        0.7, ge=-1, le=1, description="A shadow check whose answers agree less than this (cosine) evicts the entry."
+    )
+    augment_max_tokens: int = Field(400, ge=16, description="Token budget of the cached answer inserted by action C.")
+    feedback_window: int = Field(10_000, ge=0, description="Recent responses remembered for POST /v1/feedback.")
     agent_id: str = Field(default_factory=socket.gethostname, description="Edge agent id (experience stream name).")
     experience_max_len: int = Field(100_000, ge=1, description="Bound on each agent's experience stream.")
 
