@@ -141,8 +141,8 @@ class ChatEngine:
                 vectors = await self._embed([key.question])
                 vector = vectors[0] if vectors is not None else None
                 hits = await self._search(key.scope, vector, trace.policy.top_p) if vector is not None else None
-                if hits is not None:
-                    decision = trace.policy.decide(vector, hits, now=time.time())
+                decision = self._decide(trace.policy, vector, hits) if hits is not None else None
+                if decision is not None:
                     trace.decision = decision
                     trace.similarity = hits[0].similarity if hits else None
                     if decision.action == "A" and decision.entry is not None:
@@ -163,6 +163,17 @@ class ChatEngine:
         if stream:
             return await self._forward_stream(chat, forward_payload, caller, trace, store_key, vector, new_entry)
         return await self._forward(chat, forward_payload, caller, trace, store_key, vector, new_entry)
+
+    def _decide(self, policy: Policy, vector: np.ndarray, hits: list[Hit]) -> Decision | None:
+        """The policy's decision; a policy that fails at run time fails open (B) like any component."""
+        if not self.services.breaker.allows("policy"):
+            self.metrics.failures.labels("policy", "breaker_open").inc()
+            return None
+        try:
+            return policy.decide(vector, hits, now=time.time())
+        except Exception as exc:  # noqa: BLE001
+            self._fail("policy", type(exc).__name__, exc)
+            return None
 
     async def _still_valid(self, cached: dict[str, Any]) -> bool:
         """An exact-tier answer whose store entry was deleted (admin, eviction, failed shadow check)

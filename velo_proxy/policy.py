@@ -72,8 +72,9 @@ def default_policy_path() -> Path:
 
 def serve_threshold(calibration: dict[str, Any], max_false_hit_rate: float) -> float:
     """The P(A) threshold calibrated for the largest tabulated delta not above the operator's bound
-    (conservative: a bound between two rows uses the stricter row)."""
-    rows = sorted(((float(r["delta"]), float(r["threshold"])) for r in calibration["table"]), key=lambda r: r[0])
+    (conservative: a bound between two calibrated deltas uses the stricter one). ``calibration`` is
+    the export's ``velo_calibration`` JSON: ``{"thresholds": {"0.02": 0.88, ...}, ...}``."""
+    rows = sorted((float(delta), float(threshold)) for delta, threshold in calibration["thresholds"].items())
     eligible = [threshold for delta, threshold in rows if delta <= max_false_hit_rate + 1e-12]
     if not eligible:
         return 1.01  # stricter than anything calibrated: never serve from the cache
@@ -110,6 +111,11 @@ class LearnedPolicy(Policy):
         self.exploration_rate = exploration_rate
         self._rng = random.Random(seed)
         self._output = self.session.get_outputs()[0].name
+        # the exporter drops inputs a model does not use; feed exactly the declared ones
+        self._inputs = [i.name for i in self.session.get_inputs()]
+        unknown = set(self._inputs) - set(F.INPUT_NAMES)
+        if unknown:
+            raise PolicyMismatch(f"policy expects inputs {sorted(unknown)} that velo_proxy.features does not build")
 
     @staticmethod
     def _check(meta: dict[str, str], *, embedder_id: str, dim: int) -> None:
@@ -134,7 +140,8 @@ class LearnedPolicy(Policy):
 
     def probs(self, observations: Sequence[F.Observation]) -> np.ndarray:
         """Action probabilities [B, 3] (A, B, C)."""
-        return self.session.run([self._output], F.stack_observations(observations))[0]
+        feeds = F.stack_observations(observations)
+        return self.session.run([self._output], {name: feeds[name] for name in self._inputs})[0]
 
     def rule(self, p: np.ndarray, has_hits: bool) -> int:
         if has_hits and p[F.ACTION_A] >= self.threshold:

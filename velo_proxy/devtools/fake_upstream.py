@@ -9,6 +9,7 @@ Behaviour is chosen by the model name:
     fake-drop             streams two chunks, then breaks the connection
     fake-tools            answers with a tool call
     fake-length           answers with finish_reason "length"
+    fake-random           answers with an unrelated sentence (a cached answer that a fresh one contradicts)
     anything else         answers normally, after the server's base latency
 
 Run it: ``python -m velo_proxy.devtools.fake_upstream --port 8001 --latency-ms 500``.
@@ -25,6 +26,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+
+_UNRELATED = (
+    "Bananas are berries, botanically speaking, while strawberries are not.",
+    "The stock market closed lower after a volatile trading session on Friday.",
+    "To reset the router, hold the power button for thirty seconds.",
+    "Mount Kilimanjaro is the highest mountain in Africa.",
+)
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
@@ -82,6 +91,8 @@ def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None,
             await asyncio.sleep(delay / 1000)
         n = next(counter)
         text = f"[{n}] Answer to: {_last_user_text(body)}"
+        if model == "fake-random":
+            text = _UNRELATED[n % len(_UNRELATED)]
         finish = "length" if model == "fake-length" else "stop"
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if model == "fake-tools":

@@ -24,7 +24,14 @@ class ServerThread:
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on",
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+        self.exit_code: int | None = None
+        self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit as exc:  # uvicorn exits when the app's start-up fails
+            self.exit_code = int(exc.code or 0)
 
     @property
     def url(self) -> str:
@@ -35,7 +42,7 @@ class ServerThread:
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self.thread.is_alive():
-                raise RuntimeError(f"server on port {self.port} failed to start")
+                raise RuntimeError(f"server on port {self.port} failed to start (exit code {self.exit_code})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server on port {self.port} did not start in {timeout_s} s")
             time.sleep(0.02)

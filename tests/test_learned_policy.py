@@ -1,0 +1,248 @@
+"""The learned policy in the proxy: ONNX actor chosen decisions, metadata checks, action C, the
+experience stream, shadow verification, feedback, hot reload under load. Real redis-server, real
+embedder, fake upstream, openai SDK."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import redis
+
+from tests.policy_builders import export_rule_policy
+from tests.test_cache import ADMIN, ask, settle
+from velo_proxy import features as F
+from velo_proxy.experience import decode_observation, stream_key
+from velo_proxy.policy import PolicyDirectory
+
+EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def paraphrase(shared_data):
+    pairs = json.loads((shared_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())
+    return pairs[0]["origin"], pairs[0]["similar"]
+
+
+@pytest.fixture()
+def serve_policy(tmp_path):
+    return export_rule_policy(tmp_path / "serve.onnx", embedder_id=EMBEDDER_ID, version="rule-serve")
+
+
+def stream_entries(url: str, agent: str) -> list[dict]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    return [fields for _, fields in client.xrange(stream_key(agent))]
+
+
+def wait_for(predicate, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_learned_policy_serves_and_logs_experience(make_proxy, embedder_dir, redis_server, serve_policy,
+                                                    paraphrase, upstream_requests):
+    original, similar = paraphrase
+    proxy = make_proxy(policy="learned", policy_path=serve_policy, redis_url=redis_server.url, agent_id="edge-1",
+                       admin_key=ADMIN, shadow_rate=0.0)
+    first, h1 = ask(proxy, original)
+    assert h1["x-velo-policy"] == "rule-serve" and h1["x-velo-action"] == "B"
+    settle(proxy)
+    second, h2 = ask(proxy, similar)
+    assert h2["x-velo-action"] == "A" and second.choices[0].message.content == first.choices[0].message.content
+
+    entries = wait_for(lambda: [e for e in stream_entries(redis_server.url, "edge-1") if e["kind"] == "decision"])
+    assert [e["action"] for e in entries] == ["B", "A"]
+    served = entries[1]
+    assert served["entry"] == h1["x-velo-entry"] and served["policy"] == "rule-serve"
+    assert float(served["prob"]) == 1.0 and float(json.loads(served["probs"])[0]) > 0.5
+    obs = decode_observation(served["obs"], dim=int(served["dim"]), top_p=int(served["top_p"]), k=int(served["k"]))
+    assert obs.hit_mask.tolist() == [1, 0, 0, 0, 0]
+    assert obs.hit_features[0, F.HIT_FEATURE_NAMES.index("similarity")] == pytest.approx(float(h2["x-velo-similarity"]), abs=1e-3)
+    metrics = httpx.get(f"{proxy.url}/metrics").text
+    assert 'velo_policy_info{version="rule-serve"} 1.0' in metrics
+
+
+def test_action_c_augments_the_prompt_and_caches_the_answer(make_proxy, embedder_dir, tmp_path, paraphrase,
+                                                            upstream_requests):
+    original, similar = paraphrase
+    augment = export_rule_policy(tmp_path / "c.onnx", embedder_id=EMBEDDER_ID, version="rule-augment",
+                                 serve_above=2.0, c_logit=5.0)
+    proxy = make_proxy(policy="learned", policy_path=augment, admin_key=ADMIN)
+    first, _ = ask(proxy, original, history=[{"role": "system", "content": "You are terse."}])
+    settle(proxy)
+    answer, headers = ask(proxy, similar, history=[{"role": "system", "content": "You are terse."}])
+    assert headers["x-velo-action"] == "C"
+    sent = upstream_requests[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["system", "system", "user"]
+    assert sent[0]["content"] == "You are terse." and sent[-1]["content"] == similar
+    assert original in sent[1]["content"] and first.choices[0].message.content in sent[1]["content"]
+    assert answer.choices[0].message.content.endswith(similar)  # the upstream's fresh answer
+    assert settle(proxy)["store"]["entries"] == 2  # C's answer is cached under the user's question
+    _, again = ask(proxy, similar, history=[{"role": "system", "content": "You are terse."}])
+    assert again["x-velo-action"] == "exact"
+
+
+def test_mismatched_policy_is_refused_at_start(make_proxy, embedder_dir, tmp_path):
+    wrong = export_rule_policy(tmp_path / "wrong.onnx", embedder_id="intfloat/multilingual-e5-small", version="x")
+    with pytest.raises(RuntimeError):
+        make_proxy(policy="learned", policy_path=wrong)
+    from velo_proxy.policy import LearnedPolicy, PolicyMismatch
+
+    with pytest.raises(PolicyMismatch, match="trained on embedder 'intfloat/multilingual-e5-small'"):
+        LearnedPolicy(wrong, embedder_id=EMBEDDER_ID, dim=384, max_false_hit_rate=0.02)
+    with pytest.raises(PolicyMismatch, match="D=384"):
+        LearnedPolicy(wrong, embedder_id="intfloat/multilingual-e5-small", dim=768, max_false_hit_rate=0.02)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not an onnx file")
+    with pytest.raises(PolicyMismatch, match="not a loadable ONNX model"):
+        LearnedPolicy(corrupt, embedder_id=EMBEDDER_ID, dim=384, max_false_hit_rate=0.02)
+
+
+def test_calibrated_bound_controls_serving(make_proxy, embedder_dir, tmp_path, paraphrase, upstream_requests):
+    original, similar = paraphrase
+    # P(A) of this paraphrase is ~0.87 (similarity 0.969, serve_above 0.94); thresholds per delta:
+    policy = export_rule_policy(tmp_path / "cal.onnx", embedder_id=EMBEDDER_ID, version="rule-cal",
+                                serve_above=0.94, thresholds={"0.005": 0.99, "0.05": 0.5})
+    strict = make_proxy(policy="learned", policy_path=policy, admin_key=ADMIN, max_false_hit_rate=0.01)
+    ask(strict, original)
+    settle(strict)
+    assert ask(strict, similar)[1]["x-velo-action"] == "B"
+    lenient = make_proxy(policy="learned", policy_path=policy, admin_key=ADMIN, max_false_hit_rate=0.05)
+    ask(lenient, original)
+    settle(lenient)
+    assert ask(lenient, similar)[1]["x-velo-action"] == "A"
+
+
+def test_exploration_logs_its_probability(make_proxy, embedder_dir, redis_server, serve_policy, paraphrase):
+    original, similar = paraphrase
+    proxy = make_proxy(policy="learned", policy_path=serve_policy, redis_url=redis_server.url, agent_id="explorer",
+                       admin_key=ADMIN, exploration_rate=1.0, shadow_rate=0.0)
+    ask(proxy, original)
+    settle(proxy)
+    for _ in range(6):
+        ask(proxy, similar, headers={"cache-control": "no-store"})
+    decisions = wait_for(lambda: [e for e in stream_entries(redis_server.url, "explorer")
+                                  if e["kind"] == "decision" and e["explored"] == "1"])
+    assert decisions and all(float(e["prob"]) == pytest.approx(1 / 3, abs=1e-6) for e in decisions)
+
+
+def test_shadow_check_rewards_and_evicts(make_proxy, embedder_dir, redis_server, serve_policy, paraphrase):
+    original, similar = paraphrase
+    proxy = make_proxy(policy="learned", policy_path=serve_policy, redis_url=redis_server.url, agent_id="shadow",
+                       admin_key=ADMIN, shadow_rate=1.0)
+    ask(proxy, original)
+    settle(proxy)
+    _, served = ask(proxy, similar)
+    assert served["x-velo-action"] == "A"
+    settle(proxy)
+    rewards = wait_for(lambda: [e for e in stream_entries(redis_server.url, "shadow") if e["kind"] == "reward"])
+    assert rewards[0]["source"] == "shadow" and rewards[0]["request_id"] == served["x-request-id"]
+    assert float(rewards[0]["score"]) >= 0.7  # the fresh answer agrees with the cached one
+    entry = httpx.get(f"{proxy.url}/admin/entries/{served['x-velo-entry']}",
+                      headers={"authorization": f"Bearer {ADMIN}"}).json()
+    assert entry["use_count"] >= 2 and entry["cache_value"] > 0
+
+    # a cached answer that a fresh one contradicts is evicted
+    ask(proxy, original, model="fake-random")
+    settle(proxy)
+    _, bad = ask(proxy, similar, model="fake-random")
+    assert bad["x-velo-action"] == "A"
+    settle(proxy)
+    gone = httpx.get(f"{proxy.url}/admin/entries/{bad['x-velo-entry']}", headers={"authorization": f"Bearer {ADMIN}"})
+    assert gone.status_code == 404
+    assert 'velo_shadow_checks_total{result="fail"} 1.0' in httpx.get(f"{proxy.url}/metrics").text
+
+
+def test_feedback_endpoint(make_proxy, embedder_dir, redis_server, serve_policy, paraphrase):
+    original, similar = paraphrase
+    proxy = make_proxy(policy="learned", policy_path=serve_policy, redis_url=redis_server.url, agent_id="fb",
+                       admin_key=ADMIN, shadow_rate=0.0)
+    ask(proxy, original)
+    settle(proxy)
+    completion, headers = ask(proxy, similar)
+    response = httpx.post(f"{proxy.url}/v1/feedback", json={"id": completion.id, "score": 0.0})
+    assert response.status_code == 200
+    assert response.json()["request_id"] == headers["x-request-id"] and response.json()["experience"] is True
+    rewards = wait_for(lambda: [e for e in stream_entries(redis_server.url, "fb") if e["kind"] == "reward"])
+    assert rewards[-1]["source"] == "feedback" and float(rewards[-1]["score"]) == 0.0
+    entry = httpx.get(f"{proxy.url}/admin/entries/{headers['x-velo-entry']}", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    assert entry["use_count"] >= 2
+    assert httpx.post(f"{proxy.url}/v1/feedback", json={"id": "chatcmpl-unknown", "score": 1}).status_code == 404
+    bad = httpx.post(f"{proxy.url}/v1/feedback", json={"id": completion.id, "score": 7})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "score"
+
+
+def test_without_redis_experience_is_off_and_serving_works(make_proxy, embedder_dir, serve_policy, paraphrase):
+    proxy = make_proxy(policy="learned", policy_path=serve_policy, admin_key=ADMIN)
+    assert ask(proxy, paraphrase[0])[0].choices[0].message.content
+    ready = httpx.get(f"{proxy.url}/readyz").json()
+    assert ready["checks"]["experience"]["detail"] == "off (no Redis)"
+
+
+def test_hot_reload_under_load_without_failed_requests(make_proxy, embedder_dir, tmp_path, paraphrase):
+    original, similar = paraphrase
+    directory = PolicyDirectory(tmp_path / "policies")
+    v1 = export_rule_policy(tmp_path / "v1.onnx", embedder_id=EMBEDDER_ID, version="lrs-v1")
+    directory.publish(v1.read_bytes(), version="lrs-v1")
+    proxy = make_proxy(policy="learned", policy_dir=directory.root, policy_reload_s=0.1, admin_key=ADMIN)
+    assert ask(proxy, original)[1]["x-velo-policy"] == "lrs-v1"
+    settle(proxy)
+
+    seen: list[str] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="k", max_retries=0)
+        i = 0
+        while not stop.is_set():
+            try:
+                question = similar if i % 2 else f"Load question {i} about something else entirely?"
+                raw = client.chat.completions.with_raw_response.create(
+                    model="fake-model", messages=[{"role": "user", "content": question}])
+                assert raw.parse().choices[0].message.content
+                seen.append(raw.headers["x-velo-policy"])
+            except BaseException as exc:  # noqa: BLE001
+                failures.append(exc)
+            i += 1
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    bad = export_rule_policy(tmp_path / "bad.onnx", embedder_id="someone/else", version="lrs-v2-bad")
+    directory.publish(bad.read_bytes(), version="lrs-v2-bad")
+    time.sleep(0.5)
+    v3 = export_rule_policy(tmp_path / "v3.onnx", embedder_id=EMBEDDER_ID, version="lrs-v3", serve_above=0.95)
+    directory.publish(v3.read_bytes(), version="lrs-v3")
+    assert wait_for(lambda: seen and seen[-1] == "lrs-v3", timeout_s=10)
+    time.sleep(0.3)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert failures == []
+    assert len(seen) > 20
+    assert "lrs-v2-bad" not in seen and {"lrs-v1", "lrs-v3"} <= set(seen)
+    assert seen.index("lrs-v3") > seen.index("lrs-v1")
+    assert 'velo_component_failures_total{component="policy",reason="rejected"} 1.0' in httpx.get(f"{proxy.url}/metrics").text
+
+
+def test_observation_encoding_round_trip():
+    rng = np.random.default_rng(0)
+    obs = F.Observation(rng.standard_normal(384).astype(np.float32), rng.standard_normal((5, 384)).astype(np.float32),
+                        rng.standard_normal((5, F.K)).astype(np.float32), np.array([1, 1, 0, 0, 0], np.float32))
+    from velo_proxy.experience import encode_observation
+
+    back = decode_observation(encode_observation(obs), dim=384, top_p=5, k=F.K)
+    assert np.allclose(back.request_embedding, obs.request_embedding, atol=2e-3)
+    assert np.array_equal(back.hit_mask, obs.hit_mask)
