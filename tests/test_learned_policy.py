@@ -60,7 +60,11 @@ def test_learned_policy_serves_and_logs_experience(make_proxy, embedder_dir, red
     second, h2 = ask(proxy, similar)
     assert h2["x-velo-action"] == "A" and second.choices[0].message.content == first.choices[0].message.content
 
-    entries = wait_for(lambda: [e for e in stream_entries(redis_server.url, "edge-1") if e["kind"] == "decision"])
+    def decisions():
+        found = [e for e in stream_entries(redis_server.url, "edge-1") if e["kind"] == "decision"]
+        return found if len(found) >= 2 else None
+
+    entries = wait_for(decisions)
     assert [e["action"] for e in entries] == ["B", "A"]
     served = entries[1]
     assert served["entry"] == h1["x-velo-entry"] and served["policy"] == "rule-serve"
