@@ -241,6 +241,39 @@ def test_hot_reload_under_load_without_failed_requests(make_proxy, embedder_dir,
     assert 'velo_component_failures_total{component="policy",reason="rejected"} 1.0' in httpx.get(f"{proxy.url}/metrics").text
 
 
+def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, redis_server, serve_policy,
+                                                          paraphrase):
+    """The same request through the proxy (store, engine, experience stream) and through the training
+    simulator's cache (policy.sim.EdgeCache) gives the same observation."""
+    from policy.sim import EdgeCache, SimEntry
+    from velo_proxy.embedder import OnnxEmbedder
+
+    original, similar = paraphrase
+    proxy = make_proxy(policy="learned", policy_path=serve_policy, redis_url=redis_server.url, agent_id="same",
+                       admin_key=ADMIN, shadow_rate=0.0)
+    _, stored = ask(proxy, original)
+    settle(proxy)
+    entry = httpx.get(f"{proxy.url}/admin/entries/{stored['x-velo-entry']}", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    _, served = ask(proxy, similar)
+    assert served["x-velo-action"] == "A"
+
+    def decisions():
+        found = [e for e in stream_entries(redis_server.url, "same") if e["kind"] == "decision" and e["action"] == "A"]
+        return found or None
+
+    logged = wait_for(decisions)[0]
+    proxy_obs = decode_observation(logged["obs"], dim=384, top_p=5, k=F.K)
+
+    embedder = OnnxEmbedder(embedder_dir)
+    u_original, u_similar = embedder.embed_sync([original]), embedder.embed_sync([similar])
+    cache = EdgeCache(dim=384, capacity=8)
+    cache.add(SimEntry(vector=u_original[0], answer=np.zeros(384, np.float32), cluster=0,
+                       created_at=entry["created_at"], use_count=entry["use_count"], cache_value=entry["cache_value"]))
+    sim_obs = F.build_observation(u_similar[0], cache.search(u_similar[0], 5), top_p=5, now=float(logged["obs_now"]))
+    for name in ("request_embedding", "hit_embeddings", "hit_features", "hit_mask"):
+        np.testing.assert_allclose(getattr(proxy_obs, name), getattr(sim_obs, name), atol=1e-6, err_msg=name)
+
+
 def test_observation_encoding_round_trip():
     rng = np.random.default_rng(0)
     obs = F.Observation(rng.standard_normal(384).astype(np.float32), rng.standard_normal((5, 384)).astype(np.float32),
@@ -248,5 +281,5 @@ def test_observation_encoding_round_trip():
     from velo_proxy.experience import encode_observation
 
     back = decode_observation(encode_observation(obs), dim=384, top_p=5, k=F.K)
-    assert np.allclose(back.request_embedding, obs.request_embedding, atol=2e-3)
+    assert np.array_equal(back.request_embedding, obs.request_embedding)
     assert np.array_equal(back.hit_mask, obs.hit_mask)

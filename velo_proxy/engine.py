@@ -276,7 +276,7 @@ class ChatEngine:
                 request_id=trace.request_id, action=decision.action, probability=decision.probability,
                 probs=decision.probs, explored=decision.explored, policy=trace.policy.version, delay_s=delay,
                 entry=decision.entry.entry.id if decision.entry is not None else None,
-                observation=decision.observation), timeout_s=REDIS_TIMEOUT_S * 2))
+                observation=decision.observation, observed_at=decision.observed_at), timeout_s=REDIS_TIMEOUT_S * 2))
 
     # ----- after the response -------------------------------------------------------------------
     async def _store_answer(self, key: CacheKey, vector: np.ndarray | None, answer: dict[str, Any], model: str,

@@ -6,8 +6,8 @@ Stream entry fields (all strings):
 
     kind=decision  request_id, agent, ts, action (A|B|C), prob (probability of the logged action),
                    probs (JSON [pA, pB, pC]), explored (0|1), policy (version), delay_s,
-                   entry (entry id used by A/C, or ""), obs (base64 float16: u[D] | V[P*D] | F[P*K] | mask[P]),
-                   dim, top_p, k
+                   entry (entry id used by A/C, or ""), obs (base64 float32: u[D] | V[P*D] | F[P*K] | mask[P]),
+                   obs_now (the time the observation was built at), dim, top_p, k
     kind=reward    request_id, agent, ts, source (shadow|feedback), q (satisfaction), score (outcome in [0, 1])
 
 Without Redis the proxy serves as usual and reports experience as off (``/readyz``, ``/admin/stats``).
@@ -34,12 +34,12 @@ def stream_key(agent_id: str) -> str:
 
 def encode_observation(obs: F.Observation) -> str:
     flat = np.concatenate([obs.request_embedding.ravel(), obs.hit_embeddings.ravel(), obs.hit_features.ravel(),
-                           obs.hit_mask.ravel()]).astype(np.float16)
+                           obs.hit_mask.ravel()]).astype(np.float32)
     return base64.b64encode(flat.tobytes()).decode()
 
 
 def decode_observation(data: str, *, dim: int, top_p: int, k: int) -> F.Observation:
-    flat = np.frombuffer(base64.b64decode(data), dtype=np.float16).astype(np.float32)
+    flat = np.frombuffer(base64.b64decode(data), dtype=np.float32)
     sizes = [dim, top_p * dim, top_p * k, top_p]
     if flat.size != sum(sizes):
         raise ValueError(f"observation has {flat.size} values, expected {sum(sizes)}")
@@ -61,13 +61,13 @@ class ExperienceLog:
 
     async def decision(self, *, request_id: str, action: str, probability: float, probs: tuple[float, ...] | None,
                        explored: bool, policy: str, delay_s: float, entry: str | None,
-                       observation: F.Observation) -> None:
+                       observation: F.Observation, observed_at: float) -> None:
         top_p, dim = observation.hit_embeddings.shape
         fields = {
             "kind": "decision", "request_id": request_id, "agent": self.agent_id, "ts": f"{time.time():.3f}",
             "action": action, "prob": f"{probability:.6f}", "probs": json.dumps(list(probs or ())),
             "explored": "1" if explored else "0", "policy": policy, "delay_s": f"{delay_s:.6f}", "entry": entry or "",
-            "obs": encode_observation(observation), "dim": str(dim), "top_p": str(top_p),
+            "obs": encode_observation(observation), "obs_now": repr(observed_at), "dim": str(dim), "top_p": str(top_p),
             "k": str(observation.hit_features.shape[1]),
         }
         await self.redis.xadd(self.key, fields, maxlen=self.max_len, approximate=True)

@@ -38,6 +38,7 @@ class Decision:
     probs: tuple[float, float, float] | None = None  # the actor's (A, B, C)
     observation: F.Observation | None = None  # what the actor saw (logged as experience)
     explored: bool = False
+    observed_at: float = 0.0  # the ``now`` the observation was built with
 
 
 class Policy(abc.ABC):
@@ -165,7 +166,8 @@ class LearnedPolicy(Policy):
         if chosen in (F.ACTION_A, F.ACTION_C):
             index = F.select_entry(hits, top_p=self.top_p)
             entry = hits[index] if index is not None else None
-        return Decision(ACTIONS[chosen], entry, float(probability), tuple(float(x) for x in p), observation, explored)
+        return Decision(ACTIONS[chosen], entry, float(probability), tuple(float(x) for x in p), observation, explored,
+                        now)
 
 
 # ----- publishing and hot reload ------------------------------------------------------------------

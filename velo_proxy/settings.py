@@ -122,7 +122,9 @@ class Settings(BaseSettings):
     augment_max_tokens: int = Field(400, ge=16, description="Token budget of the cached answer inserted by action C.")
     feedback_window: int = Field(10_000, ge=0, description="Recent responses remembered for POST /v1/feedback.")
     agent_id: str = Field(default_factory=socket.gethostname, description="Edge agent id (experience stream name).")
-    experience_max_len: int = Field(100_000, ge=1, description="Bound on each agent's experience stream.")
+    experience_max_len: int = Field(
+        20_000, ge=1, description="Bound on each agent's experience stream (a decision is ~10 KB with MiniLM)."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
