@@ -51,7 +51,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -490,7 +490,7 @@ class EmbeddedStore(CacheStore):
                           created_at=float(sc.created[i]), use_count=int(sc.uses[i]),
                           cache_value=float(sc.values[i]))
 
-    def _forget(self, victims: Iterable[tuple[_Scope, int]]) -> None:
+    def _forget(self, victims: list[tuple[_Scope, int]]) -> None:
         """Remove rows (already deleted from SQLite) from memory and from the ANN indexes."""
         ann_keys: dict[str, tuple[_Scope, list[int]]] = {}
         for sc, rid in victims:
