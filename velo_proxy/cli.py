@@ -2,6 +2,7 @@
 
     velo-proxy serve [--upstream-base-url URL] [--port 8080] [... one flag per VELO_* setting]
     velo-proxy models export [--out DIR] [--force]
+    velo-proxy retrain [--redis-url URL] [--policy-dir DIR] [...]   (training extra)
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def cmd_models_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    try:
+        from policy.retrain import main as retrain_main
+    except ImportError as exc:  # torch lives in the 'train' extra
+        print(f"velo-proxy retrain needs the training extra (pip install 'velo-proxy[train]'): {exc}", file=sys.stderr)
+        return 2
+    return retrain_main(args.retrain_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velo-proxy", description="Semantic-cache proxy for OpenAI-compatible chat APIs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,10 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR].")
     export.add_argument("--force", action="store_true", help="Export again even if a complete model is there.")
     export.set_defaults(func=cmd_models_export)
+
+    retrain = commands.add_parser("retrain", help="Retrain the policy from the experience streams and publish it if better "
+                                  "(needs the 'train' extra; `velo-proxy retrain --help`).", add_help=False)
+    retrain.add_argument("retrain_args", nargs=argparse.REMAINDER)
+    retrain.set_defaults(func=cmd_retrain)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["retrain"]:  # its own parser (policy.retrain), so its flags pass through untouched
+        return cmd_retrain(argparse.Namespace(retrain_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,321 @@
+"""Retrain the serving policy from what the proxies experienced, and publish it only if it is better.
+
+    velo-proxy retrain --redis-url redis://... --policy-dir /var/lib/velo/policies
+
+Reads top to bottom:
+
+1. read the experience streams of every edge agent (``velo:experience:*``; centralised training) and
+   join each decision with the rewards that arrived for it (shadow checks, feedback);
+2. start from the current policy's weights (the published version's ``.pt``, else the shipped one);
+3. fine-tune the actor on two signals: the logged decisions, off-policy (a PPO-style clipped surrogate
+   whose ratio is new probability / logged probability, so exploration and older policies are
+   corrected for), and fresh expert demonstrations from the simulator's training split (the same
+   anchor as Algorithm 1, so a small or skewed log cannot drag the policy away from what it knew);
+4. evaluate candidate and current on the simulator's test split and on the logged data
+   (self-normalised importance sampling of the serving rule);
+5. publish (calibrated, exported, atomically) only when the candidate is at least as good on the logs
+   and better on the simulator; otherwise keep the current version and say why.
+
+Rewards of logged decisions (Eq. 11, w = phi2 / phi1): r = phi1 * q - phi2 * d with the logged delay
+d; q comes from the decision's reward events (the mean if several). A forward (B) has no reference
+answer in production: its q is the simulator's mean satisfaction of B (``b_satisfaction``, measured
+on the validation split at the start of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import pickle
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from velo_proxy import features as F
+from velo_proxy.experience import decode_observation, read_all_streams
+from velo_proxy.policy import PolicyDirectory, default_policy_path
+
+from .baselines import GreedyLLM, NeuralPolicy
+from .data import DataSpec
+from .evaluate import calibrate, collect_calibration, evaluate
+from .export import export_onnx, parity
+from .sim import SimConfig
+from .train import collect_demos, load_actor, regret_loss, save_actor
+
+log = logging.getLogger("policy.retrain")
+ACTION_INDEX = {a: i for i, a in enumerate(F.ACTIONS)}
+
+
+@dataclass
+class RetrainConfig:
+    """Hyperparameters and wiring of one retrain run."""
+
+    redis_url: str
+    """Redis holding the agents' experience streams."""
+    policy_dir: Path
+    """Where versions are published (``CURRENT`` + ``versions/``); the proxies watch it."""
+    w: float = 0.1
+    """QoS trade-off phi2 / phi1 (Eq. 11) the policy optimises."""
+    epochs: int = 30
+    """Passes over (logged decisions + demonstrations)."""
+    lr: float = 1e-4
+    """Actor learning rate of the fine-tuning (below the from-scratch 3e-4: small steps from a good policy)."""
+    clip: float = 0.2
+    """PPO clip of the importance ratio."""
+    logged_coef: float = 1.0
+    """Weight of the off-policy loss on logged decisions."""
+    demo_coef: float = 1.0
+    """Weight of the imitation loss on fresh expert demonstrations."""
+    demo_steps: int = 1500
+    """Simulator steps of expert demonstrations (x N agents decisions)."""
+    eval_steps: int = 1500
+    """Simulator steps per evaluation (test split) and per calibration run (validation split)."""
+    min_decisions: int = 20
+    """Fewer logged decisions than this: nothing to learn from, no publication."""
+    margin: float = 0.0
+    """The candidate must beat the current policy's simulated reward by more than this."""
+    data_spec: DataSpec = field(default_factory=DataSpec)
+    """Simulator data (the same as training by default)."""
+    max_false_hit_rate: float = 0.02
+    """Default delta written into the calibration."""
+    seed: int = 0
+    """Seed of torch and the simulator."""
+    threads: int = 1
+    """torch intra-op threads."""
+
+
+@dataclass
+class Logged:
+    """The logged decisions with a reward, as arrays."""
+
+    obs: dict[str, np.ndarray]  # the actor's four inputs, [n, ...]
+    action: np.ndarray  # [n] int
+    prob: np.ndarray  # [n] probability of the logged action under the logging policy
+    reward: np.ndarray  # [n]
+    agents: int
+
+
+def read_experience(redis_url: str) -> list[dict]:
+    """Decisions of every agent joined with their rewards: [{fields..., "rewards": [q, ...]}]."""
+    import redis.asyncio as aioredis
+
+    async def fetch() -> dict:
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            return await read_all_streams(client)
+        finally:
+            await client.aclose()
+
+    streams = asyncio.run(fetch())
+    decisions: dict[str, dict] = {}
+    rewards: dict[str, list[float]] = {}
+    for entries in streams.values():
+        for _, fields in entries:
+            if fields.get("kind") == "decision":
+                decisions[fields["request_id"]] = dict(fields)
+            elif fields.get("kind") == "reward":
+                rewards.setdefault(fields["request_id"], []).append(float(fields["q"]))
+    out = []
+    for request_id, fields in decisions.items():
+        fields["rewards"] = rewards.get(request_id, [])
+        out.append(fields)
+    return out
+
+
+def logged_dataset(decisions: list[dict], *, qos, b_satisfaction: float) -> Logged | None:
+    """Decisions whose reward is known (a reward event, or B with the simulator's prior)."""
+    rows = []
+    for d in decisions:
+        action = ACTION_INDEX[d["action"]]
+        if d["rewards"]:
+            q = float(np.mean(d["rewards"]))
+        elif action == ACTION_INDEX["B"]:
+            q = b_satisfaction
+        else:
+            continue  # a served answer nobody checked: no reward to learn from
+        obs = decode_observation(d["obs"], dim=int(d["dim"]), top_p=int(d["top_p"]), k=int(d["k"]))
+        rows.append((obs, action, float(d["prob"]), float(qos.reward(q, float(d["delay_s"])))))
+    if not rows:
+        return None
+    stacked = F.stack_observations([r[0] for r in rows])
+    return Logged(obs=stacked, action=np.array([r[1] for r in rows]), prob=np.array([r[2] for r in rows], np.float32),
+                  reward=np.array([r[3] for r in rows], np.float32),
+                  agents=len({d["agent"] for d in decisions}))
+
+
+def logged_loss(actor: torch.nn.Module, logged: Logged, advantage: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clipped off-policy surrogate: ratio = pi_new(a|s) / pi_logged(a|s)."""
+    logits = actor(*(torch.from_numpy(logged.obs[k]) for k in F.INPUT_NAMES))
+    logp = torch.log_softmax(logits, dim=-1).gather(1, torch.from_numpy(logged.action)[:, None]).squeeze(1)
+    ratio = torch.exp(logp - torch.log(torch.from_numpy(np.clip(logged.prob, 1e-3, 1.0))))
+    return -torch.min(ratio * advantage, torch.clamp(ratio, 1 - clip, 1 + clip) * advantage).mean()
+
+
+def snips_value(actor: torch.nn.Module, logged: Logged, tau: float) -> float:
+    """Self-normalised importance-sampling estimate of the serving rule's reward on the logs."""
+    from .baselines import decide
+
+    with torch.no_grad():
+        p = torch.softmax(actor(*(torch.from_numpy(logged.obs[k]) for k in F.INPUT_NAMES)), dim=-1).numpy()
+    chosen = decide(p, tau)
+    weight = (chosen == logged.action).astype(np.float64) / np.clip(logged.prob, 1e-3, 1.0)
+    return float((weight * logged.reward).sum() / weight.sum()) if weight.sum() > 0 else float("nan")
+
+
+def current_checkpoint(directory: PolicyDirectory) -> tuple[Path, str]:
+    pointer = directory.current()
+    if pointer is not None and pointer.get("checkpoint"):
+        path = directory.root / "versions" / pointer["checkpoint"]
+        if path.exists():
+            return path, pointer["version"]
+    shipped = default_policy_path().with_suffix(".pt")
+    return shipped, "lrs-default"
+
+
+def load_data(spec: DataSpec):
+    from .data import DATA_VERSION, build_dataset, cache_dir
+
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec)], sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / "runs" / f"dataset-{key}.pkl"
+    if path.exists():
+        with open(path, "rb") as handle:
+            return pickle.load(handle)
+    data = build_dataset(spec, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        pickle.dump(data, handle)
+    return data
+
+
+def run(cfg: RetrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    directory = PolicyDirectory(cfg.policy_dir)
+    report: dict = {"published": False}
+
+    # 1. experience of all agents
+    decisions = read_experience(cfg.redis_url)
+    report["decisions"] = len(decisions)
+    if len(decisions) < cfg.min_decisions:
+        report["reason"] = f"only {len(decisions)} logged decisions (< {cfg.min_decisions})"
+        return report
+
+    # 2. the current policy and the simulator
+    checkpoint, current_version = current_checkpoint(directory)
+    current, meta = load_actor(checkpoint)
+    candidate, _ = load_actor(checkpoint)
+    data = load_data(cfg.data_spec)
+    sim_cfg = SimConfig()
+    sim_cfg = replace(sim_cfg, qos=replace(sim_cfg.qos, w=cfg.w), seed=cfg.seed)
+    qos = sim_cfg.qos
+    b_satisfaction = evaluate(data, GreedyLLM(), replace(sim_cfg, split="val"), cfg.eval_steps // 3)["satisfaction"]
+    logged = logged_dataset(decisions, qos=qos, b_satisfaction=b_satisfaction)
+    report.update(current=current_version, b_satisfaction=b_satisfaction,
+                  logged_with_reward=0 if logged is None else len(logged.action),
+                  agents=0 if logged is None else logged.agents)
+    if logged is None or len(logged.action) < cfg.min_decisions:
+        report["reason"] = "too few logged decisions with a reward"
+        return report
+
+    # 3. fine-tune: off-policy loss on the logs + imitation of fresh demonstrations
+    demos = collect_demos(data, replace(sim_cfg, split="train", seed=cfg.seed + 11), cfg.demo_steps, 0.2)
+    reward = torch.from_numpy(logged.reward)
+    advantage = (reward - reward.mean()) / (reward.std() + 1e-6)
+    optimiser = torch.optim.Adam(candidate.parameters(), lr=cfg.lr, eps=1e-5)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n_demo = demos[-1].shape[0]
+    candidate.train()
+    for _ in range(cfg.epochs):
+        idx = torch.randperm(n_demo, generator=generator)[: max(256, len(logged.action))]
+        loss = cfg.logged_coef * logged_loss(candidate, logged, advantage, cfg.clip)
+        loss = loss + cfg.demo_coef * regret_loss(candidate(*(x[idx] for x in demos[:4])), demos[4][idx])
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(candidate.parameters(), 0.5)
+        optimiser.step()
+    candidate.eval()
+
+    # 4. evaluate both, each with its own calibration for the operator's delta
+    def calibrated(actor) -> tuple[float, dict]:
+        cal = collect_calibration(data, NeuralPolicy(actor, "x"), replace(sim_cfg, split="val"), cfg.eval_steps)
+        thresholds = calibrate(cal["p_a"], cal["relevant"])
+        return thresholds[f"{cfg.max_false_hit_rate:g}"], thresholds
+
+    results = {}
+    for name, actor in (("current", current), ("candidate", candidate)):
+        tau, thresholds = calibrated(actor)
+        sim_result = evaluate(data, NeuralPolicy(actor, name, tau=tau), replace(sim_cfg, split="test"), cfg.eval_steps)
+        results[name] = {"tau": tau, "thresholds": thresholds, "sim_reward": sim_result["reward"],
+                         "sim_false_hit_rate": sim_result["false_hit_rate"], "sim_hit_rate": sim_result["hit_rate"],
+                         "logged_value": snips_value(actor, logged, tau)}
+    report["evaluation"] = results
+    better_sim = results["candidate"]["sim_reward"] > results["current"]["sim_reward"] + cfg.margin
+    logs_ok = not (results["candidate"]["logged_value"] < results["current"]["logged_value"] - 1e-6)
+    if not (better_sim and logs_ok):
+        report["reason"] = ("not better on the simulator's test split" if not better_sim
+                            else "worse than the current policy on the logged data")
+        return report
+
+    # 5. publish: export with calibration, parity check, atomic write of the version and CURRENT
+    version = time.strftime("lrs-%Y%m%dT%H%M%SZ", time.gmtime())
+    calibration = {"format": 1, "rule": "serve A iff action_probs[A] >= thresholds[delta]; otherwise the more "
+                   "probable of B and C", "default_delta": cfg.max_false_hit_rate,
+                   "thresholds": results["candidate"]["thresholds"], "w": cfg.w, "retrained_from": current_version}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path, pt_path = Path(tmp) / f"{version}.onnx", Path(tmp) / f"{version}.pt"
+        export_onnx(candidate, onnx_path, dim=meta["dim"], top_p=meta["top_p"], embedder_id=meta["embedder_id"],
+                    policy_version=version, calibration=calibration)
+        report["parity"] = parity(candidate, onnx_path, dim=meta["dim"], top_p=meta["top_p"])
+        if report["parity"] > 1e-5:
+            report["reason"] = f"export parity {report['parity']:.2e} > 1e-5"
+            return report
+        save_actor(candidate, pt_path, {**meta, "retrained_from": current_version})
+        (directory.root / "versions").mkdir(parents=True, exist_ok=True)
+        (directory.root / "versions" / pt_path.name).write_bytes(pt_path.read_bytes())
+        directory.publish(onnx_path.read_bytes(), version=version, info={
+            "checkpoint": pt_path.name, "published_at": time.time(), "retrained_from": current_version,
+            "evaluation": results})
+    report.update(published=True, version=version, seconds=round(time.time() - t0, 1))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from velo_proxy.settings import Settings
+
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="velo-proxy retrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url", default=settings.redis_url, help="[env VELO_REDIS_URL]")
+    parser.add_argument("--policy-dir", type=Path, default=settings.policy_dir, help="[env VELO_POLICY_DIR]")
+    parser.add_argument("--w", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=RetrainConfig.epochs)
+    parser.add_argument("--eval-steps", type=int, default=RetrainConfig.eval_steps)
+    parser.add_argument("--demo-steps", type=int, default=RetrainConfig.demo_steps)
+    parser.add_argument("--min-decisions", type=int, default=RetrainConfig.min_decisions)
+    parser.add_argument("--max-false-hit-rate", type=float, default=settings.max_false_hit_rate)
+    parser.add_argument("--data-spec", default=None, help="JSON of policy.data.DataSpec fields (default: training's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.redis_url or args.policy_dir is None:
+        parser.error("--redis-url and --policy-dir (or VELO_REDIS_URL and VELO_POLICY_DIR) are required")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = DataSpec(**json.loads(args.data_spec)) if args.data_spec else DataSpec()
+    report = run(RetrainConfig(redis_url=args.redis_url, policy_dir=args.policy_dir, w=args.w, epochs=args.epochs,
+                               eval_steps=args.eval_steps, demo_steps=args.demo_steps,
+                               min_decisions=args.min_decisions, max_false_hit_rate=args.max_false_hit_rate,
+                               data_spec=spec, seed=args.seed))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

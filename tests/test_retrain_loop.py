@@ -1,0 +1,98 @@
+"""The whole loop, end to end: requests through a running proxy -> decisions in the Redis experience
+stream -> shadow checks write rewards -> `velo-proxy retrain` reads the streams, fine-tunes, evaluates
+against the current policy and publishes -> the running proxy serves with the new version."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import httpx
+import pytest
+import redis
+
+from policy.data import DataSpec
+from policy.export import export_onnx
+from policy.networks import make_actor
+from policy.train import save_actor
+from tests.test_cache import ADMIN, ask, settle
+from velo_proxy import features as F
+from velo_proxy.experience import stream_key
+from velo_proxy.policy import PolicyDirectory
+
+EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture()
+def untrained_policy_dir(tmp_path):
+    """A published v0 whose actor is freshly initialised (a bad policy the retrain must beat)."""
+    import torch
+
+    torch.manual_seed(3)
+    actor = make_actor("transformer", 384, F.K, 5)
+    directory = PolicyDirectory(tmp_path / "policies")
+    versions = directory.root / "versions"
+    versions.mkdir(parents=True)
+    meta = {"arch": "transformer", "dim": 384, "k": F.K, "top_p": 5, "embedder_id": EMBEDDER_ID}
+    save_actor(actor, versions / "lrs-v0.pt", meta)
+    export_onnx(actor, tmp_path / "v0.onnx", dim=384, top_p=5, embedder_id=EMBEDDER_ID, policy_version="lrs-v0",
+                calibration={"format": 1, "thresholds": {"0.02": 0.2}})
+    directory.publish((tmp_path / "v0.onnx").read_bytes(), version="lrs-v0", info={"checkpoint": "lrs-v0.pt"})
+    return directory
+
+
+def test_experience_to_retrain_to_hot_reload(make_proxy, embedder_dir, redis_server, shared_data,
+                                             untrained_policy_dir):
+    pairs = json.loads((shared_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:24]
+    proxy = make_proxy(policy="learned", policy_dir=untrained_policy_dir.root, policy_reload_s=0.2,
+                       redis_url=redis_server.url, agent_id="edge-a", admin_key=ADMIN, shadow_rate=1.0,
+                       exploration_rate=0.3)
+    for pair in pairs:
+        _, headers = ask(proxy, pair["origin"])
+        assert headers["x-velo-policy"] == "lrs-v0"
+    settle(proxy)
+    for pair in pairs:
+        ask(proxy, pair["similar"])
+    settle(proxy, timeout_s=30)
+
+    entries = [f for _, f in redis.Redis.from_url(redis_server.url, decode_responses=True).xrange(stream_key("edge-a"))]
+    decisions = [e for e in entries if e["kind"] == "decision"]
+    rewards = [e for e in entries if e["kind"] == "reward" and e["source"] == "shadow"]
+    assert len(decisions) >= 40 and rewards, "decisions and shadow rewards reached the stream"
+
+    spec = json.dumps({k: v for k, v in asdict(DataSpec.tiny()).items() if k != "split_fractions"})
+    command = [sys.executable, "-m", "velo_proxy", "retrain", "--redis-url", redis_server.url,
+               "--policy-dir", str(untrained_policy_dir.root), "--data-spec", spec, "--epochs", "15",
+               "--demo-steps", "300", "--eval-steps", "400", "--min-decisions", "5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["published"], report
+    assert report["decisions"] >= 40 and report["logged_with_reward"] >= 5
+    evaluation = report["evaluation"]
+    assert evaluation["candidate"]["sim_reward"] > evaluation["current"]["sim_reward"]
+    assert report["parity"] <= 1e-5
+    pointer = untrained_policy_dir.current()
+    assert pointer["version"] == report["version"] and pointer["retrained_from"] == "lrs-v0"
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        _, headers = ask(proxy, "Is the new policy in use yet?", headers={"cache-control": "no-store"})
+        if headers["x-velo-policy"] == report["version"]:
+            break
+        time.sleep(0.2)
+    assert headers["x-velo-policy"] == report["version"]
+    assert f'velo_policy_info{{version="{report["version"]}"}} 1.0' in httpx.get(f"{proxy.url}/metrics").text
+
+
+def test_retrain_without_enough_experience_publishes_nothing(redis_server, untrained_policy_dir):
+    done = subprocess.run([sys.executable, "-m", "velo_proxy", "retrain", "--redis-url", redis_server.url,
+                           "--policy-dir", str(untrained_policy_dir.root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["published"] is False and "logged decisions" in report["reason"]
+    assert untrained_policy_dir.current()["version"] == "lrs-v0"
