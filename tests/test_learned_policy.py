@@ -283,3 +283,11 @@ def test_observation_encoding_round_trip():
     back = decode_observation(encode_observation(obs), dim=384, top_p=5, k=F.K)
     assert np.array_equal(back.request_embedding, obs.request_embedding)
     assert np.array_equal(back.hit_mask, obs.hit_mask)
+
+
+def test_default_proxy_runs_the_shipped_policy(make_proxy, embedder_dir, paraphrase):
+    proxy = make_proxy(policy="learned", admin_key=ADMIN)
+    _, headers = ask(proxy, paraphrase[0])
+    assert headers["x-velo-policy"] == "lrs-default-1"
+    ready = httpx.get(f"{proxy.url}/readyz").json()
+    assert ready["checks"]["policy"]["detail"] == "lrs-default-1"

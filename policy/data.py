@@ -1,0 +1,408 @@
+"""The simulator's request data, built from the real datasets in ``../shared/data`` (never copied).
+
+Every request belongs to a *cluster* (one meaning): a QQP duplicate cluster (union of labelled
+duplicate pairs), one XQuAD question in five languages (the paper's five-language expansion), one
+oasst1 prompt, one NQ-open question. Clusters are grouped (QQP: clusters joined by a labelled
+*non-duplicate* pair — the near misses — share a group) and groups are split train / validation /
+test, so no question and no near-miss pair straddles two splits.
+
+Each cluster has a reference answer embedding (satisfaction, Eq. 2, is measured against it) and,
+where the data has them, real alternative answers:
+- oasst1: a prompt with several human replies has as reference their consensus (the normalised mean
+  of the reply embeddings: what the good answers share) and each reply is a real sample of what "the
+  cloud LLM" answers; a prompt with one reply has that reply as reference;
+- XQuAD: the English answer text; NQ-open: the first answer string;
+- QQP has no answers: each cluster gets its own reference "answer identity", a unit vector drawn from
+  a seeded generator, so two clusters' answers are as far apart as two unrelated answers and a hit on
+  a near miss (non-duplicate) is a wrong answer, whatever the questions' similarity.
+
+Embeddings come from the project's embedder (``velo_proxy.embedder.OnnxEmbedder``) and are cached in
+SQLite under ``~/.cache/velo-proxy/sim`` keyed by (embedder id, sha256 of the text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+SOURCES = ("qqp", "xquad", "oasst1", "nq")
+SPLITS = ("train", "val", "test")
+XQUAD_LANGS = ("en", "es", "de", "ru", "zh")
+#: Sources whose answers are short strings (a name, a date, a number): judged by exact match, not by
+#: embedding distance (MiniLM puts "1972" next to "1988"), see ``answer_identity``.
+SHORT_ANSWER_SOURCES = ("xquad", "nq")
+#: Bump when the dataset construction changes (part of the cache key of built datasets).
+DATA_VERSION = 3
+CONSENSUS = "<consensus of the replies>"
+
+
+def normalise_answer(text: str) -> str:
+    """SQuAD/NQ-style answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    import re
+    import string
+
+    t = text.lower()
+    t = "".join(ch for ch in t if ch not in set(string.punctuation))
+    t = re.sub(r"\b(a|an|the)\b", " ", t)
+    return " ".join(t.split())
+
+
+def answer_identity(text: str, dim: int) -> np.ndarray:
+    """A unit vector determined by the normalised answer string: equal answers (exact match, the NQ /
+    SQuAD metric) coincide, different ones are as far apart as unrelated answers (~sqrt 2)."""
+    seed = int.from_bytes(hashlib.sha256(normalise_answer(text).encode("utf-8")).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def data_dir() -> Path:
+    """``../shared/data`` relative to the repository root (override: VELO_SHARED_DATA)."""
+    env = os.environ.get("VELO_SHARED_DATA")
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parent.parent
+    return repo_root.parent / "shared" / "data"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("VELO_SIM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "velo-proxy", "sim")
+    p = Path(base)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Disk cache of text embeddings keyed by (embedder id, sha256(text))."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or cache_dir() / "embeddings.sqlite"
+        self._db = sqlite3.connect(str(self.path))
+        self._db.execute("CREATE TABLE IF NOT EXISTS emb (embedder TEXT, key TEXT, vec BLOB, PRIMARY KEY (embedder, key))")
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def get_many(self, embedder_id: str, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        keys = [self.key(t) for t in texts]
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = f"SELECT key, vec FROM emb WHERE embedder=? AND key IN ({','.join('?' * len(chunk))})"
+            for k, blob in self._db.execute(q, [embedder_id, *chunk]):
+                out[k] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def put_many(self, embedder_id: str, texts: Sequence[str], vecs: np.ndarray) -> None:
+        rows = [(embedder_id, self.key(t), np.asarray(v, dtype=np.float32).tobytes()) for t, v in zip(texts, vecs)]
+        self._db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?, ?)", rows)
+        self._db.commit()
+
+
+def load_embedder(threads: int = 2):
+    """The project's real embedder (``Settings().embedder_dir``)."""
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings
+
+    return OnnxEmbedder(Settings().embedder_dir, threads=threads)
+
+
+def embed_texts(texts: Sequence[str], embedder=None, *, cache: EmbeddingCache | None = None,
+                progress: bool = True) -> tuple[np.ndarray, str]:
+    """Embeddings [n, D] of ``texts`` (cached on disk) and the embedder id."""
+    embedder = embedder or load_embedder()
+    cache = cache or EmbeddingCache()
+    uniq = list(dict.fromkeys(texts))
+    have = cache.get_many(embedder.id, uniq)
+    missing = [t for t in uniq if EmbeddingCache.key(t) not in have]
+    if missing:
+        it = range(0, len(missing), 256)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=f"embedding {len(missing)} texts", unit="batch")
+        for i in it:
+            chunk = missing[i : i + 256]
+            vecs = embedder.embed_sync(chunk, batch_size=32)
+            cache.put_many(embedder.id, chunk, vecs)
+            for t, v in zip(chunk, vecs):
+                have[EmbeddingCache.key(t)] = np.asarray(v, dtype=np.float32)
+    out = np.stack([have[EmbeddingCache.key(t)] for t in texts]).astype(np.float32)
+    return out, embedder.id
+
+
+# --- dataset ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSpec:
+    """How much of each dataset to use (the full run stays under ~25k texts)."""
+
+    qqp_duplicate_pairs: int = 2500
+    """QQP duplicate pairs sampled (their transitive closure among sampled texts forms clusters)."""
+    qqp_near_miss_pairs: int = 2500
+    """QQP labelled non-duplicate pairs sampled: the near misses."""
+    xquad_questions: int = 890
+    """XQuAD rows (each = one question in five languages + its answer)."""
+    nq_questions: int = 1500
+    """NQ-open questions (with their first short answer)."""
+    oasst1_prompts: int = 1000
+    """oasst1 prompts with at least one reply (the validation slice has ~480)."""
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """Share of groups in train / val / test."""
+    seed: int = 0
+    """Sampling and split seed."""
+
+    @classmethod
+    def tiny(cls) -> "DataSpec":
+        """A few hundred texts, for the tests."""
+        return cls(qqp_duplicate_pairs=80, qqp_near_miss_pairs=80, xquad_questions=24, nq_questions=30, oasst1_prompts=30)
+
+
+@dataclass
+class Dataset:
+    """Requests, clusters and answers, as arrays. Index conventions in the field comments."""
+
+    embedder_id: str
+    q_emb: np.ndarray  # [Nq, D] request embeddings
+    q_cluster: np.ndarray  # [Nq] cluster of each request text
+    q_text: list[str]
+    c_source: np.ndarray  # [Nc] index into SOURCES
+    c_group: np.ndarray  # [Nc] group id (near-miss partners share one)
+    c_split: np.ndarray  # [Nc] index into SPLITS
+    c_ref: np.ndarray  # [Nc, D] reference answer embedding
+    c_members: list[np.ndarray]  # per cluster: request indices
+    c_answers: list[np.ndarray]  # per cluster: rows of a_emb that are real alternative (LLM) answers
+    a_emb: np.ndarray  # [Na, D] alternative answers
+    llm_distance: float  # median L2 distance of an oasst1 reply to its prompt's consensus, measured
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.q_emb.shape[1])
+
+    def clusters(self, split: str, source: str | None = None) -> np.ndarray:
+        m = self.c_split == SPLITS.index(split)
+        if source is not None:
+            m &= self.c_source == SOURCES.index(source)
+        return np.flatnonzero(m)
+
+
+class _UF:
+    def __init__(self) -> None:
+        self.p: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.p.setdefault(x, x)
+        while self.p[x] != x:
+            self.p[x] = self.p[self.p[x]]
+            x = self.p[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.p[max(ra, rb)] = min(ra, rb)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the simulator needs the shared datasets at ../shared/data "
+                                "(or VELO_SHARED_DATA)")
+    return path
+
+
+def collect_texts(spec: DataSpec) -> dict:
+    """Pick the texts and cluster structure (no embeddings yet). Deterministic for ``spec.seed``."""
+    rng = np.random.default_rng(spec.seed)
+    root = data_dir()
+    clusters: list[dict] = []  # {source, group, members: [text], ref: text|None, answers: [text]}
+
+    # QQP: duplicates -> clusters, non-duplicates -> near-miss links between clusters.
+    rows = _read_jsonl(_require(root / "pairs" / "qqp-dev.jsonl"))
+    rows = [r for r in rows if r["q1"].strip() and r["q2"].strip() and r["q1"].strip() != r["q2"].strip()]
+    dup = [r for r in rows if r["duplicate"] == 1]
+    non = [r for r in rows if r["duplicate"] == 0]
+    pick_d = [dup[i] for i in rng.choice(len(dup), size=min(spec.qqp_duplicate_pairs, len(dup)), replace=False)]
+    pick_n = [non[i] for i in rng.choice(len(non), size=min(spec.qqp_near_miss_pairs, len(non)), replace=False)]
+    texts = {t.strip() for r in pick_d + pick_n for t in (r["q1"], r["q2"])}
+    uf = _UF()
+    for t in texts:
+        uf.find(t)
+    for r in dup:  # every labelled duplicate edge among the sampled texts
+        a, b = r["q1"].strip(), r["q2"].strip()
+        if a in texts and b in texts:
+            uf.union(a, b)
+    members: dict[str, list[str]] = {}
+    for t in sorted(texts):
+        members.setdefault(uf.find(t), []).append(t)
+    guf = _UF()  # groups: clusters joined by near-miss edges
+    for c in members:
+        guf.find(c)
+    for r in non:
+        a, b = r["q1"].strip(), r["q2"].strip()
+        if a in texts and b in texts:
+            ca, cb = uf.find(a), uf.find(b)
+            if ca != cb:
+                guf.union(ca, cb)
+    for c, ms in members.items():
+        clusters.append({"source": "qqp", "group": "qqp:" + guf.find(c), "members": ms, "ref": None, "answers": []})
+
+    # XQuAD: one question in five languages.
+    xq = _read_jsonl(_require(root / "qa" / "xquad-parallel-dev.jsonl"))
+    for i in sorted(rng.choice(len(xq), size=min(spec.xquad_questions, len(xq)), replace=False)):
+        r = xq[i]
+        ms = list(dict.fromkeys(r[f"question_{lang}"].strip() for lang in XQUAD_LANGS if r.get(f"question_{lang}")))
+        clusters.append({"source": "xquad", "group": "xq:" + r["id"], "members": ms, "ref": r["answer_en"].strip(), "answers": []})
+
+    # oasst1: prompts with replies; best-ranked reply = reference, siblings = LLM answers.
+    msgs = _read_jsonl(_require(root / "qa" / "oasst1-en-validation.jsonl"))
+    replies: dict[str, list[dict]] = {}
+    for m in msgs:
+        if m["role"] == "assistant" and m.get("parent_id") and m["text"].strip():
+            replies.setdefault(m["parent_id"], []).append(m)
+    prompts = [m for m in msgs if m["role"] == "prompter" and m["message_id"] in replies and m["text"].strip()]
+    for i in sorted(rng.choice(len(prompts), size=min(spec.oasst1_prompts, len(prompts)), replace=False)):
+        p = prompts[i]
+        rs = sorted(replies[p["message_id"]], key=lambda m: (m["rank"] if m["rank"] is not None else 99, m["message_id"]))
+        texts_r = [m["text"].strip() for m in rs]
+        clusters.append({"source": "oasst1", "group": "oa:" + p["message_id"], "members": [p["text"].strip()],
+                         "ref": texts_r[0] if len(texts_r) == 1 else CONSENSUS,
+                         "answers": texts_r if len(texts_r) > 1 else []})
+
+    # NQ-open.
+    nq = _read_jsonl(_require(root / "qa" / "nq-open-dev.jsonl"))
+    for i in sorted(rng.choice(len(nq), size=min(spec.nq_questions, len(nq)), replace=False)):
+        r = nq[i]
+        clusters.append({"source": "nq", "group": f"nq:{i}", "members": [r["question"].strip()],
+                         "ref": r["answer"][0].strip(), "answers": []})
+
+    # A text in two clusters (rare: e.g. the same question in two datasets) stays in the first one.
+    seen: set[str] = set()
+    for c in clusters:
+        c["members"] = [t for t in c["members"] if not (t in seen or seen.add(t))]
+    clusters = [c for c in clusters if c["members"]]
+
+    # Split by group, per source.
+    fr = np.asarray(spec.split_fractions, dtype=float)
+    fr = fr / fr.sum()
+    split_of: dict[str, int] = {}
+    for src in SOURCES:
+        groups = sorted({c["group"] for c in clusters if c["source"] == src})
+        order = rng.permutation(len(groups))
+        n_tr = int(round(fr[0] * len(groups)))
+        n_va = int(round(fr[1] * len(groups)))
+        for rank, gi in enumerate(order):
+            split_of[groups[gi]] = 0 if rank < n_tr else (1 if rank < n_tr + n_va else 2)
+    for c in clusters:
+        c["split"] = split_of[c["group"]]
+    return {"clusters": clusters, "spec": spec}
+
+
+def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool = True) -> Dataset:
+    """Collect texts, embed them (disk-cached) and assemble the arrays."""
+    spec = spec or DataSpec()
+    col = collect_texts(spec)
+    clusters = col["clusters"]
+    q_text = [t for c in clusters for t in c["members"]]
+    ref_text = [c["ref"] for c in clusters
+                if c["ref"] not in (None, CONSENSUS) and c["source"] not in SHORT_ANSWER_SOURCES]
+    ans_text = [a for c in clusters for a in c["answers"]]
+    all_text = q_text + ref_text + ans_text
+    emb, emb_id = embed_texts(all_text, embedder, progress=progress)
+    nq, nr = len(q_text), len(ref_text)
+    q_emb, r_emb, a_emb = emb[:nq], emb[nq : nq + nr], emb[nq + nr :]
+    dim = emb.shape[1]
+
+    rng = np.random.default_rng(spec.seed + 1)  # QQP answer identities
+    c_ref = np.zeros((len(clusters), dim), dtype=np.float32)
+    q_cluster = np.zeros(nq, dtype=np.int64)
+    c_members, c_answers = [], []
+    qi = ri = ai = 0
+    group_ids: dict[str, int] = {}
+    for ci, c in enumerate(clusters):
+        n = len(c["members"])
+        q_cluster[qi : qi + n] = ci
+        c_members.append(np.arange(qi, qi + n))
+        qi += n
+        if c["ref"] is None:  # QQP: an answer identity per cluster
+            v = rng.standard_normal(dim).astype(np.float32)
+            c_ref[ci] = v / np.linalg.norm(v)
+        elif c["source"] in SHORT_ANSWER_SOURCES:  # an identity per distinct (normalised) answer string
+            c_ref[ci] = answer_identity(c["ref"], dim)
+        elif c["ref"] == CONSENSUS:  # oasst1 with several replies: their consensus
+            m = a_emb[ai : ai + len(c["answers"])].mean(axis=0)
+            c_ref[ci] = m / np.linalg.norm(m)
+        else:
+            c_ref[ci] = r_emb[ri]
+            ri += 1
+        na = len(c["answers"])
+        c_answers.append(np.arange(ai, ai + na))
+        ai += na
+        group_ids.setdefault(c["group"], len(group_ids))
+
+    # The LLM's typical distance from the reference answer: oasst1 replies to their consensus, measured.
+    dists = [float(np.linalg.norm(a_emb[j] - c_ref[ci])) for ci, idx in enumerate(c_answers) for j in idx]
+    llm_distance = float(np.median(dists)) if dists else 0.8
+    return Dataset(
+        embedder_id=emb_id,
+        q_emb=q_emb,
+        q_cluster=q_cluster,
+        q_text=q_text,
+        c_source=np.array([SOURCES.index(c["source"]) for c in clusters], dtype=np.int64),
+        c_group=np.array([group_ids[c["group"]] for c in clusters], dtype=np.int64),
+        c_split=np.array([c["split"] for c in clusters], dtype=np.int64),
+        c_ref=c_ref,
+        c_members=c_members,
+        c_answers=c_answers,
+        a_emb=a_emb if len(a_emb) else np.zeros((0, dim), dtype=np.float32),
+        llm_distance=llm_distance,
+        meta={"spec": spec.__dict__, "n_texts": len(all_text)},
+    )
+
+
+def synthetic_dataset(n_clusters: int = 60, dim: int = 32, seed: int = 0) -> Dataset:
+    """A small random dataset (no embedder, no files) for unit tests of the simulator mechanics."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    q, qc, members = [], [], []
+    for ci in range(n_clusters):
+        m = []
+        for _ in range(int(rng.integers(1, 4))):
+            v = centers[ci] + 0.15 * rng.standard_normal(dim).astype(np.float32)
+            q.append(v / np.linalg.norm(v))
+            qc.append(ci)
+            m.append(len(q) - 1)
+        members.append(np.array(m))
+    ref = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    return Dataset(
+        embedder_id="synthetic",
+        q_emb=np.stack(q).astype(np.float32),
+        q_cluster=np.array(qc),
+        q_text=[f"q{i}" for i in range(len(q))],
+        c_source=np.arange(n_clusters) % len(SOURCES),
+        c_group=np.arange(n_clusters) // 2,
+        c_split=(np.arange(n_clusters) // 2) % 3,
+        c_ref=ref,
+        c_members=members,
+        c_answers=[np.zeros(0, dtype=np.int64)] * n_clusters,
+        a_emb=np.zeros((0, dim), dtype=np.float32),
+        llm_distance=0.8,
+    )

@@ -1,0 +1,134 @@
+"""Run a decision rule on the simulator and measure it.
+
+Metrics, per request answered to a user (nearest mode: every agent decision; all-edges mode: one per
+request, the fastest agent's answer):
+- reward (Eq. 11), satisfaction q (Eq. 2), delay d (s);
+- llm_freq: share of agent decisions that forward the request as is (B) — the paper's "LLM direct
+  request frequency";
+- c_freq: share of agent decisions that augment (C);
+- hit_rate: share of requests answered from a cache (A);
+- false_hit_rate: wrong cache answers / cache answers (a hit whose entry is not a true duplicate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .data import Dataset
+from .sim import A, B, C, EdgeSim, SimConfig
+
+
+def evaluate(data: Dataset, policy, cfg: SimConfig, steps: int, *, seed: int = 12345, record=None) -> dict:
+    """Evaluate ``policy`` for ``steps`` steps from empty caches (one long episode)."""
+    cfg = replace(cfg, episode_len=steps + 1, seed=seed)
+    sim = EdgeSim(data, cfg)
+    obs = sim.reset()
+    tot = {k: 0.0 for k in ("reward", "q", "delay", "hit", "false_hit", "n", "B", "C", "dec")}
+    for _ in range(steps):
+        acts, entries = policy.act(sim, obs)
+        if record is not None:
+            record(sim, obs, acts)
+        _, info, _, obs = sim.step(acts, entries, exact_tier=getattr(policy, "uses_cache", True))
+        m = info.answered > 0
+        tot["reward"] += float(info.reward[m].sum())
+        tot["q"] += float(info.q[m].sum())
+        tot["delay"] += float(info.delay[m].sum())
+        tot["hit"] += float(info.hit[m].sum())
+        tot["false_hit"] += float(info.false_hit[m].sum())
+        tot["n"] += float(m.sum())
+        tot["B"] += float((info.action == B).sum())
+        tot["C"] += float((info.action == C).sum())
+        tot["dec"] += float(len(info.action))
+    n = max(tot["n"], 1.0)
+    return {
+        "reward": tot["reward"] / n,
+        "satisfaction": tot["q"] / n,
+        "delay": tot["delay"] / n,
+        "llm_freq": tot["B"] / max(tot["dec"], 1.0),
+        "c_freq": tot["C"] / max(tot["dec"], 1.0),
+        "hit_rate": tot["hit"] / n,
+        "false_hit_rate": tot["false_hit"] / max(tot["hit"], 1.0),
+        "hits": tot["hit"],
+        "requests": n,
+    }
+
+
+def collect_calibration(data: Dataset, policy, cfg: SimConfig, steps: int, *, seed: int = 777) -> dict[str, np.ndarray]:
+    """Run ``policy`` (argmax) and record, for every decision with a hit, P(A) and whether the Eq. 4
+    entry is a true duplicate."""
+    pa, rel = [], []
+
+    def record(sim: EdgeSim, obs, acts):
+        p = policy.probs(obs)
+        for i in range(sim.N):
+            j = sim.sel[i]
+            if j is not None and sim.exact[i] is None:  # the exact tier is not the policy's call
+                pa.append(float(p[i, A]))
+                rel.append(float(sim.hits[i][j].entry.cluster == sim.requests[i]["cluster"]))
+
+    evaluate(data, policy, cfg, steps, seed=seed, record=record)
+    return {"p_a": np.array(pa), "relevant": np.array(rel)}
+
+
+def wilson_upper(k: float, n: float, z: float = 1.645) -> float:
+    """One-sided 95 % Wilson upper bound of a rate k/n."""
+    if n <= 0:
+        return 1.0
+    p = k / n
+    den = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    rad = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float((centre + rad) / den)
+
+
+def calibrate(p_a: np.ndarray, relevant: np.ndarray, deltas=(0.005, 0.01, 0.02, 0.05, 0.1)) -> dict[str, float]:
+    """For each delta the smallest tau such that, among validation decisions with P(A) >= tau, the
+    one-sided 95 % upper bound of the wrong-hit share is <= delta (tau = 1.01: never serve)."""
+    order = np.argsort(-p_a)
+    p_sorted, wrong = p_a[order], 1.0 - relevant[order]
+    cum_wrong = np.cumsum(wrong)
+    out = {}
+    for d in deltas:
+        tau = 1.01
+        for n in range(len(p_sorted), 0, -1):
+            # serving the top-n by P(A): threshold at p_sorted[n-1]; ties make the set larger, be safe
+            if n < len(p_sorted) and p_sorted[n] == p_sorted[n - 1]:
+                continue
+            if wilson_upper(cum_wrong[n - 1], n) <= d:
+                tau = float(p_sorted[n - 1])
+                break
+        out[f"{d:g}"] = tau
+    return out
+
+
+def evaluate_seeds(data: Dataset, policy, cfg: SimConfig, steps: int, seeds=(2024, 2025, 2026)) -> dict:
+    """``evaluate`` averaged over several stream seeds (each seed has its own popularity order, so a
+    few popular near-miss groups do not decide the ranking); adds ``reward_sd`` across seeds."""
+    ms = [evaluate(data, policy, cfg, steps, seed=s) for s in seeds]
+    out = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+    out["hits"] = float(sum(m["hits"] for m in ms))
+    out["requests"] = float(sum(m["requests"] for m in ms))
+    wrong = sum(m["false_hit_rate"] * m["hits"] for m in ms)
+    out["false_hit_rate"] = wrong / max(out["hits"], 1.0)
+    out["reward_sd"] = float(np.std([m["reward"] for m in ms]))
+    return out
+
+
+def calibrate_rules(scores: dict[float, dict], deltas=(0.005, 0.01, 0.02, 0.05, 0.1)) -> tuple[dict[str, float], list]:
+    """Calibration of the serving rule "A iff P(A) >= tau": ``scores`` maps candidate tau to the metrics
+    of that rule run on validation (``evaluate_seeds``). For each delta, the smallest tau (the most
+    serving) whose false-hit rate — wrong cache answers / all cache answers — has a one-sided 95 %
+    Wilson upper bound <= delta. Returns ({delta: tau}, table of the candidates)."""
+    table = []
+    for t in sorted(scores):
+        m = scores[t]
+        wrong = m["false_hit_rate"] * m["hits"]
+        table.append({"tau": float(t), "reward": m["reward"], "hit_rate": m["hit_rate"], "false_hit_rate": m["false_hit_rate"],
+                      "hits": int(m["hits"]), "false_hit_upper95": wilson_upper(wrong, m["hits"])})
+    out = {}
+    for d in deltas:
+        ok = [r["tau"] for r in table if r["false_hit_upper95"] <= d]
+        out[f"{d:g}"] = min(ok) if ok else 1.01
+    return out, table

@@ -1,0 +1,71 @@
+"""velo_proxy.features: the observation contract shared by training and serving."""
+
+import math
+
+import numpy as np
+
+from velo_proxy import features as F
+from velo_proxy.store.base import KIND_ANSWER, CacheEntry, Hit
+
+
+def _unit(v):
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def _entry(vec, *, value=0.0, uses=0, created=100.0, kind=0):
+    return CacheEntry(scope="s", vector=vec, question="q", answer={}, model="m", expires_at=1e12, kind=kind,
+                      created_at=created, use_count=uses, cache_value=value)
+
+
+def test_contract_constants():
+    assert F.K == len(F.HIT_FEATURE_NAMES) and F.K >= 5
+    assert F.INPUT_NAMES == ("request_embedding", "hit_embeddings", "hit_features", "hit_mask")
+    assert F.ACTIONS == ("A", "B", "C")
+    assert isinstance(F.FEATURE_VERSION, int)
+
+
+def test_build_observation_pads_and_scales():
+    rng = np.random.default_rng(0)
+    u = _unit(rng.standard_normal(8))
+    v1, v2 = _unit(u + 0.1 * rng.standard_normal(8)), _unit(rng.standard_normal(8))
+    hits = [Hit(_entry(v1, value=0.5, uses=3, created=90.0), float(u @ v1)),
+            Hit(_entry(v2, kind=KIND_ANSWER, created=0.0), float(u @ v2))]
+    o = F.build_observation(u, hits, top_p=4, now=100.0)
+    assert o.request_embedding.shape == (8,) and o.hit_embeddings.shape == (4, 8)
+    assert o.hit_features.shape == (4, F.K) and o.hit_mask.tolist() == [1, 1, 0, 0]
+    for a in (o.request_embedding, o.hit_embeddings, o.hit_features, o.hit_mask):
+        assert a.dtype == np.float32
+    assert np.all(o.hit_embeddings[2:] == 0) and np.all(o.hit_features[2:] == 0)
+    f = dict(zip(F.HIT_FEATURE_NAMES, o.hit_features[0]))
+    assert math.isclose(f["similarity"], float(u @ v1), rel_tol=1e-6)
+    assert math.isclose(f["cache_value"], 0.5) and math.isclose(f["log_use_count"], math.log1p(3) / 5, rel_tol=1e-6)
+    assert math.isclose(f["log_age"], math.log1p(10.0) / 15, rel_tol=1e-6)
+    assert f["rank"] == 0 and f["gap_to_top"] == 0
+    f2 = dict(zip(F.HIT_FEATURE_NAMES, o.hit_features[1]))
+    assert f2["kind"] == 1 and f2["rank"] == 0.25
+    assert math.isclose(f2["gap_to_top"], float(u @ v1 - u @ v2), rel_tol=1e-5)
+    # more hits than P: only the first P are used
+    o2 = F.build_observation(u, hits * 3, top_p=4, now=100.0)
+    assert o2.hit_mask.tolist() == [1, 1, 1, 1]
+
+
+def test_no_hits_and_stack():
+    u = _unit(np.ones(8))
+    o = F.build_observation(u, [], top_p=3, now=0.0)
+    assert o.hit_mask.sum() == 0
+    batch = F.stack_observations([o, o])
+    assert list(batch) == list(F.INPUT_NAMES)
+    assert batch["hit_embeddings"].shape == (2, 3, 8) and batch["hit_features"].shape == (2, 3, F.K)
+
+
+def test_select_entry_eq4():
+    v = _unit(np.ones(4))
+    assert F.select_entry([]) is None
+    hits = [Hit(_entry(v, value=0.0), 0.950), Hit(_entry(v, value=1.0), 0.945), Hit(_entry(v, value=1.0), 0.80)]
+    # the proven entry wins a near-tie, not a real similarity gap
+    assert F.select_entry(hits) == 1
+    assert F.select_entry(hits, value_weight=0.0) == 0
+    hf = np.zeros((1, 3, F.K), dtype=np.float32)
+    hf[0, :, 0] = [0.95, 0.945, 0.8]
+    hf[0, :, F.HIT_FEATURE_NAMES.index("cache_value")] = [0.0, 1.0, 1.0]
+    assert F.select_entry_from_features(hf, np.ones((1, 3), dtype=np.float32)).tolist() == [1]

@@ -1,0 +1,98 @@
+"""Smoke training on a tiny real subset (a few hundred texts, real embedder) and ONNX export parity.
+
+Needs ../shared/data and the exported embedder (`velo-proxy models export`); embeddings of the tiny
+subset are cached under ~/.cache/velo-proxy/sim after the first run (~30 s on 2 cores)."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from policy.baselines import NeuralPolicy, RandomPolicy  # noqa: E402
+from policy.data import DataSpec, build_dataset  # noqa: E402
+from policy.evaluate import evaluate  # noqa: E402
+from policy.export import export_onnx, parity  # noqa: E402
+from policy.sim import SimConfig  # noqa: E402
+from policy.train import TrainConfig, train  # noqa: E402
+from velo_proxy import features as F  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data, embedder_dir):
+    from velo_proxy.embedder import OnnxEmbedder
+
+    return build_dataset(DataSpec.tiny(), OnnxEmbedder(embedder_dir, threads=2), progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    cfg = TrainConfig(method="lrs", updates=6, rollout_steps=64, eval_every=3, eval_steps=60, threads=1, demo_steps=400,
+                      sim=SimConfig(episode_len=192, capacity=300))
+    actor, hist = train(tiny, cfg, progress=False)
+    return actor, hist
+
+
+def test_tiny_dataset_has_splits_by_cluster(tiny):
+    assert tiny.dim == 384 and tiny.q_emb.shape[0] >= 200
+    for split in range(3):
+        assert (tiny.c_split == split).any()
+    # a text's cluster has one split; groups (near-miss partners) never straddle splits
+    for g in np.unique(tiny.c_group):
+        assert len(set(tiny.c_split[tiny.c_group == g].tolist())) == 1
+    assert np.allclose(np.linalg.norm(tiny.q_emb, axis=1), 1.0, atol=1e-4)
+
+
+def test_smoke_training_beats_random(tiny, trained):
+    actor, hist = trained
+    assert len(hist) == 6 and hist[-1]["env_steps"] == 6 * 64 * 3
+    cfg = SimConfig(split="train", capacity=300)
+    lrs = evaluate(tiny, NeuralPolicy(actor, "lrs"), cfg, 200, seed=5)
+    rnd = evaluate(tiny, RandomPolicy(0), cfg, 200, seed=5)
+    assert lrs["reward"] > rnd["reward"], (lrs, rnd)
+
+
+def test_training_is_reproducible(tiny):
+    cfg = TrainConfig(method="mappo", updates=2, rollout_steps=32, eval_every=100, eval_steps=20,
+                      sim=SimConfig(episode_len=64, capacity=100))
+    a1, h1 = train(tiny, cfg, progress=False)
+    a2, h2 = train(tiny, cfg, progress=False)
+    assert [r["rollout_reward"] for r in h1] == [r["rollout_reward"] for r in h2]
+    for p, q in zip(a1.parameters(), a2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_export_parity_and_metadata(tiny, trained, tmp_path):
+    import onnxruntime as ort
+
+    actor, _ = trained
+    cal = {"default_delta": 0.02, "rule": "serve_a_if_p_a_at_least", "thresholds": {"0.02": 0.9}}
+    path = tmp_path / "actor.onnx"
+    export_onnx(actor, path, dim=tiny.dim, top_p=5, embedder_id=tiny.embedder_id, policy_version="test",
+                calibration=cal)
+    assert parity(actor, path, dim=tiny.dim, top_p=5) <= 1e-5
+    m = onnx.load(str(path))
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert meta["velo_feature_version"] == str(F.FEATURE_VERSION) and meta["velo_dim"] == "384"
+    assert meta["velo_top_p"] == "5" and meta["velo_k"] == str(F.K) and meta["velo_embedder_id"] == tiny.embedder_id
+    assert json.loads(meta["velo_calibration"]) == cal and meta["velo_policy_version"] == "test"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == list(F.INPUT_NAMES)
+    assert sess.get_outputs()[0].name == "action_probs"
+    # dynamic batch: 1 and 7 rows, real observations built by features.py
+    from policy.sim import EdgeSim
+
+    sim = EdgeSim(tiny, replace(SimConfig(), n_agents=7))
+    for _ in range(30):
+        obs = sim.observations()
+        sim.step([1] * 7)
+    for b in (1, 7):
+        batch = F.stack_observations(obs[:b])
+        out = sess.run(["action_probs"], batch)[0]
+        assert out.shape == (b, 3) and np.allclose(out.sum(1), 1.0, atol=1e-5)
+        with torch.no_grad():
+            ref = torch.softmax(actor(*(torch.from_numpy(batch[k]) for k in F.INPUT_NAMES)), -1).numpy()
+        assert np.max(np.abs(out - ref)) <= 1e-5
