@@ -25,6 +25,17 @@ def new_entry_id() -> str:
     return uuid.uuid4().hex
 
 
+def unit_vector(v: Any, dim: int) -> np.ndarray:
+    """``v`` as a float32 unit vector of ``dim`` dimensions; ValueError for a wrong size, zero or non-finite."""
+    arr = np.asarray(v, dtype=np.float32).reshape(-1)
+    if arr.shape[0] != dim:
+        raise ValueError(f"vector has {arr.shape[0]} dimensions, store has {dim}")
+    norm = float(np.linalg.norm(arr))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError("vector must be finite and non-zero")
+    return np.ascontiguousarray(arr if abs(norm - 1.0) <= 1e-6 else arr / norm)
+
+
 @dataclass(slots=True)
 class CacheEntry:
     scope: str

@@ -56,7 +56,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from velo_proxy.cache_value import below_mean_mask, update_cache_value
-from velo_proxy.store.base import CacheEntry, CacheStore, EvictionReport, Hit
+from velo_proxy.store.base import CacheEntry, CacheStore, EvictionReport, Hit, unit_vector
 
 log = logging.getLogger(__name__)
 
@@ -465,15 +465,7 @@ class EmbeddedStore(CacheStore):
         return _Transaction(self._conn)
 
     def _vector(self, v: Any) -> np.ndarray:
-        arr = np.asarray(v, dtype=np.float32).reshape(-1)
-        if arr.shape[0] != self.dim:
-            raise ValueError(f"vector has {arr.shape[0]} dimensions, store has {self.dim}")
-        norm = float(np.linalg.norm(arr))
-        if not math.isfinite(norm) or norm == 0.0:
-            raise ValueError("vector must be finite and non-zero")
-        if abs(norm - 1.0) > 1e-6:
-            arr = arr / norm
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return unit_vector(v, self.dim)
 
     def _payloads(self, rids: Sequence[int]) -> dict[int, tuple[str, str, str, str]]:
         if not rids:

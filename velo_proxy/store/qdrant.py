@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from velo_proxy.cache_value import below_mean_mask, update_cache_value
-from velo_proxy.store.base import CacheEntry, CacheStore, EvictionReport, Hit
+from velo_proxy.store.base import CacheEntry, CacheStore, EvictionReport, Hit, unit_vector
 
 _ID_NAMESPACE = uuid.UUID("6f1c1f2e-6a55-4f0e-9b7e-1c2d3e4f5a6b")
 _SCROLL_PAGE = 1024
@@ -87,13 +87,7 @@ class QdrantStore(CacheStore):
     # ------------------------------------------------------------------ helpers
 
     def _vector(self, v: Any) -> np.ndarray:
-        arr = np.asarray(v, dtype=np.float32).reshape(-1)
-        if arr.shape[0] != self.dim:
-            raise ValueError(f"vector has {arr.shape[0]} dimensions, store has {self.dim}")
-        norm = float(np.linalg.norm(arr))
-        if not np.isfinite(norm) or norm == 0.0:
-            raise ValueError("vector must be finite and non-zero")
-        return arr / norm
+        return unit_vector(v, self.dim)
 
     def _scope_filter(self, scope: str, now: float | None = None) -> Any:
         m = self._m
