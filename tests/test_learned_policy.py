@@ -241,6 +241,18 @@ def test_hot_reload_under_load_without_failed_requests(make_proxy, embedder_dir,
     assert 'velo_component_failures_total{component="policy",reason="rejected"} 1.0' in httpx.get(f"{proxy.url}/metrics").text
 
 
+def test_republished_file_is_named_by_the_directory_and_loaded_once(make_proxy, embedder_dir, tmp_path):
+    directory = PolicyDirectory(tmp_path / "policies")
+    v1 = export_rule_policy(tmp_path / "v1.onnx", embedder_id=EMBEDDER_ID, version="metadata-name")
+    directory.publish(v1.read_bytes(), version="published-a")
+    proxy = make_proxy(policy="learned", policy_dir=directory.root, policy_reload_s=0.05, admin_key=ADMIN)
+    assert ask(proxy, "Which version?")[1]["x-velo-policy"] == "published-a"
+    directory.publish(v1.read_bytes(), version="published-b")  # the same file under a new name
+    assert wait_for(lambda: ask(proxy, "Which version now?", headers={"cache-control": "no-store"})[1]["x-velo-policy"] == "published-b")
+    time.sleep(0.5)  # ten reload intervals: nothing new, nothing reloaded
+    assert "velo_policy_reloads_total 1.0" in httpx.get(f"{proxy.url}/metrics").text
+
+
 def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, redis_server, serve_policy,
                                                           paraphrase):
     """The same request through the proxy (store, engine, experience stream) and through the training

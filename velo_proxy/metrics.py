@@ -28,6 +28,7 @@ class Metrics:
         self.shadow_checks = Counter("velo_shadow_checks", "Shadow verifications of served answers, by result.",
                                      ["result"], registry=r)
         self.store_entries = Gauge("velo_store_entries", "Entries in the semantic store.", registry=r)
+        self.policy_reloads = Counter("velo_policy_reloads", "Policy versions swapped in without a restart.", registry=r)
         self.policy_version = Gauge("velo_policy_info", "Policy in use (label carries the version).",
                                     ["version"], registry=r)
 

@@ -88,7 +88,7 @@ class LearnedPolicy(Policy):
     taken with probability e, and the logged probability accounts for it (off-policy correction)."""
 
     def __init__(self, path: Path, *, embedder_id: str, dim: int, max_false_hit_rate: float,
-                 exploration_rate: float = 0.0, seed: int | None = None) -> None:
+                 exploration_rate: float = 0.0, seed: int | None = None, version: str | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -105,7 +105,8 @@ class LearnedPolicy(Policy):
         self.metadata = meta
         self._check(meta, embedder_id=embedder_id, dim=dim)
         self.top_p = int(meta["velo_top_p"])
-        self.version = meta.get("velo_policy_version", self.path.stem)
+        # a version published to a policy directory is named by the directory's pointer
+        self.version = version or meta.get("velo_policy_version", self.path.stem)
         self.calibration = json.loads(meta["velo_calibration"])
         self.max_false_hit_rate = max_false_hit_rate
         self.threshold = serve_threshold(self.calibration, max_false_hit_rate)

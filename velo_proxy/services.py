@@ -141,10 +141,10 @@ class Services:
             log.error("cache store unavailable, semantic cache off: %s", exc)
 
     # ----- policy -------------------------------------------------------------------------------
-    def load_policy(self, path: Any) -> LearnedPolicy:
+    def load_policy(self, path: Any, *, version: str | None = None) -> LearnedPolicy:
         return LearnedPolicy(path, embedder_id=self.embedder.id, dim=self.embedder.dim,
                              max_false_hit_rate=self.settings.max_false_hit_rate,
-                             exploration_rate=self.settings.exploration_rate)
+                             exploration_rate=self.settings.exploration_rate, version=version)
 
     def _load_initial_policy(self) -> None:
         """An explicitly configured policy must load (a mismatch stops the proxy with the reason);
@@ -156,7 +156,7 @@ class Services:
             pointer = PolicyDirectory(self.settings.policy_dir).current()
             if pointer is not None:
                 try:
-                    self.policy = self.load_policy(pointer["path"])
+                    self.policy = self.load_policy(pointer["path"], version=pointer["version"])
                     return
                 except PolicyMismatch as exc:
                     self.rejected_versions.add(pointer["version"])
@@ -187,13 +187,14 @@ class Services:
         if pointer is None or pointer["version"] == self.policy.version or pointer["version"] in self.rejected_versions:
             return False
         try:
-            candidate = await asyncio.to_thread(self.load_policy, pointer["path"])
+            candidate = await asyncio.to_thread(lambda: self.load_policy(pointer["path"], version=pointer["version"]))
         except PolicyMismatch as exc:
             self.rejected_versions.add(pointer["version"])
             self.metrics.failures.labels("policy", "rejected").inc()
             log.error("policy %s refused, keeping %s: %s", pointer["version"], self.policy.version, exc)
             return False
         previous, self.policy = self.policy, candidate
+        self.metrics.policy_reloads.inc()
         self._show_policy()
         log.info("policy %s -> %s", previous.version, candidate.version)
         return True
