@@ -174,6 +174,7 @@ def test_delete(store, rng):
     assert store.delete(entries[1].id) is True
     assert store.delete(entries[1].id) is False
     assert store.get(entries[1].id) is None
+    assert store.contains(entries[0].id) and not store.contains(entries[1].id) and not store.contains("never-added")
     assert len(store) == 3
     ids = [h.entry.id for h in store.search("s", vecs[1], limit=10, now=T0)]
     assert entries[1].id not in ids and len(ids) == 3

@@ -182,9 +182,15 @@ class ChatEngine:
         store = self.services.store
         if not entry_id or store is None:
             return True
-        found = await self._guarded("store", lambda: asyncio.to_thread(store.get, entry_id),
+        if store.cheap_contains:
+            try:
+                return store.contains(entry_id)
+            except Exception as exc:  # noqa: BLE001 - a closed or broken store: serve the exact copy
+                self._fail("store", type(exc).__name__, exc)
+                return True
+        found = await self._guarded("store", lambda: asyncio.to_thread(store.contains, entry_id),
                                     timeout_s=self.settings.search_timeout_ms / 1000)
-        return found is not None or not self.services.breaker.allows("store")
+        return found is not False
 
     def _serve_hit(self, chat: ChatCompletionRequest, payload: dict[str, Any], key: CacheKey, decision: Decision,
                    trace: Trace, caller: Any, *, stream: bool, include_usage: bool) -> Response:

@@ -109,7 +109,11 @@ class Settings(BaseSettings):
     search_timeout_ms: float = Field(200.0, gt=0, description="Deadline of one vector search; past it, go upstream.")
 
     # --- policy -----------------------------------------------------------------------------
-    policy: Literal["threshold", "learned"] = Field("learned", description="Decision policy.")
+    # threshold by default: the shipped LRS policy does not yet hold its calibrated bound on real
+    # paraphrase traffic (docs/benchmarks.md); `learned` runs it and enables the retraining loop.
+    policy: Literal["threshold", "learned"] = Field(
+        "threshold", description="Decision policy: 'threshold' (static cosine) or 'learned' (the ONNX LRS actor)."
+    )
     policy_path: Path | None = Field(None, description="ONNX LRS policy; unset: the one shipped in the package.")
     policy_dir: Path | None = Field(None, description="Directory the retrain job publishes to; watched for new versions.")
     max_false_hit_rate: float = Field(0.02, gt=0, lt=1, description="Operator's bound on wrong cache hits (delta).")

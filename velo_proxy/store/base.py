@@ -84,6 +84,13 @@ class CacheStore(abc.ABC):
     @abc.abstractmethod
     def get(self, entry_id: str) -> CacheEntry | None: ...
 
+    #: True when ``contains`` is an in-memory lookup cheap enough to call on the event loop.
+    cheap_contains: bool = False
+
+    def contains(self, entry_id: str) -> bool:
+        """Whether the entry exists (the exact tier checks this on every hit)."""
+        return self.get(entry_id) is not None
+
     @abc.abstractmethod
     def record_use(self, entry_id: str, *, outcome: float = 1.0) -> CacheEntry | None:
         """Count one use of an entry and fold ``outcome`` (in [0, 1]) into its cache value (Eq. 5)."""

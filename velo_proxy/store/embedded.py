@@ -639,6 +639,12 @@ class EmbeddedStore(CacheStore):
         order = self._top(sims, min(limit, len(rows)))
         return rows[order], sims[order]
 
+    cheap_contains = True
+
+    def contains(self, entry_id: str) -> bool:
+        # a dict membership test is atomic under the GIL: no lock, so it never waits behind a write
+        return entry_id in self._by_id
+
     def get(self, entry_id: str) -> CacheEntry | None:
         with self._lock:
             self._check_open()

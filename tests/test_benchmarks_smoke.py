@@ -1,0 +1,123 @@
+"""Smoke test of the benchmarks (benchmarks/quality.py, benchmarks/latency.py): each runs at a tiny size
+and its output keeps the structure docs/benchmarks.md is generated from, so the scripts do not rot.
+
+Needs the evaluation data (../shared/data) and the exported embedder; the latency part also needs
+``wrk`` (Debian package). Whatever is missing is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(BENCH))
+
+
+def _need_data_and_embedder() -> None:
+    if not (DATA / "pairs" / "qqp-dev.jsonl").is_file():
+        pytest.skip(f"evaluation data missing at {DATA}")
+    from velo_proxy.settings import Settings
+
+    if not (Path(Settings().embedder_dir) / "model.onnx").is_file():
+        pytest.skip("embedder not exported (velo-proxy models export)")
+
+
+class _StubLRS:
+    """Stands in for the LRS actor (whose ONNX file may not exist yet) so the LRS code path runs:
+    P(A) rises with the best hit's similarity."""
+
+    top_p = 5
+    version = "stub"
+
+    def __init__(self, delta: float) -> None:
+        self.threshold = {0.01: 0.9, 0.02: 0.8, 0.05: 0.6}[delta]
+
+    def probs(self, observations):  # noqa: ANN001
+        out = []
+        for o in observations:
+            s = float(o.hit_features[0, 0]) if o.hit_mask[0] > 0 else 0.0
+            pa = min(1.0, max(0.0, (s - 0.7) / 0.3))
+            out.append([pa, 1.0 - pa, 0.0])
+        return np.asarray(out, dtype=np.float32)
+
+    def decide(self, vector, hits, *, now):  # noqa: ANN001
+        from velo_proxy import features as F
+        from velo_proxy.policy import Decision
+
+        obs = F.build_observation(vector, hits, top_p=self.top_p, now=now)
+        p = self.probs([obs])[0]
+        if hits and p[0] >= self.threshold:
+            return Decision("A", hits[F.select_entry(hits, top_p=self.top_p)], 1.0, tuple(map(float, p)))
+        return Decision("B", None, 1.0, tuple(map(float, p)))
+
+
+def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _need_data_and_embedder()
+    import quality
+
+    monkeypatch.setattr(quality, "load_lrs", lambda embedder, delta: _StubLRS(delta))
+    out = tmp_path / "q.json"
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nhand-written intro\n")
+    argv = ["--tiny", "--workloads", "qqp", "gptcache-mock", "--json", str(out), "--doc", str(doc), "--img-dir", str(tmp_path / "img")]
+    assert quality.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r["workloads"]) == {"qqp", "gptcache-mock"}
+    for name, w in r["workloads"].items():
+        assert w["requests"] == w["positives"] + w["negatives"] > 0
+        for curve in ("threshold", "lrs"):
+            pts = w["curves"][curve]
+            assert pts and all({"hit_rate", "fhr", "fpr", "precision", "threshold"} <= set(p) for p in pts)
+        for system in ("threshold 0.95", "threshold 0.8", "LRS δ=0.02", "oracle (top-5)"):
+            p = w["points"][system]
+            assert 0.0 <= p["hit_rate"] <= 1.0 and 0.0 <= p["fhr"] <= 1.0
+            assert p["correct"] + p["false"] == p["hits"]
+        assert w["points"]["oracle (top-5)"]["false"] == 0
+        assert set(w["at_fhr"]["threshold"]) == {"0.01", "0.02", "0.05"}
+        # the replay (curves) agrees with the real store (operating points)
+        for check in w["check"].values():
+            assert check["same_decisions"] == 1.0
+    mock = r["mock_protocol"]
+    assert all(v["positive"] + v["negative"] + v["fail"] == r["args"]["mock_pairs"] for v in mock.values())
+    text = doc.read_text()
+    assert "hand-written intro" in text and "<!-- quality:begin -->" in text and "<!-- quality:end -->" in text
+    assert (tmp_path / "img" / "bench-quality-curves.png").stat().st_size > 1000
+    # rerunning replaces the section instead of appending a second one
+    quality.write_section(doc, "quality", "again")
+    assert doc.read_text().count("<!-- quality:begin -->") == 1 and "again" in doc.read_text()
+
+
+def test_latency_smoke(tmp_path: Path) -> None:
+    _need_data_and_embedder()
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk not installed (apt-get install wrk)")
+    import latency
+
+    out = tmp_path / "l.json"
+    doc = tmp_path / "benchmarks.md"
+    argv = ["--sizes", "500", "--concurrency", "2", "--upstream-latency-ms", "20", "--hit-bodies", "40",
+            "--miss-bodies", "100", "--exact-bodies", "10", "--hit-seconds", "1", "--miss-seconds", "2",
+            "--warmup", "10", "--ttfb-concurrency", "1", "--ttfb-requests", "5", "--qdrant-size", "0",
+            "--no-gptcache", "--json", str(out), "--doc", str(doc), "--img-dir", str(tmp_path / "img")]
+    assert latency.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r["upstream"]) == {"2"}
+    cfg = r["configs"]["embedded-500"]
+    assert cfg["entries"] == 500 and cfg["peak_rss_mb"] > 0
+    for case in ("semantic hit", "exact hit", "miss"):
+        row = cfg["cases"][case]["2"]
+        assert row["requests"] > 0 and row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+    assert cfg["cases"]["semantic hit"]["2"]["actions"]["A"] > 0
+    assert cfg["cases"]["exact hit"]["2"]["actions"]["exact"] > 0
+    assert "overhead_p50_ms" in cfg["cases"]["miss"]["2"]
+    assert cfg["cases"]["streamed hit TTFB"]["1"]["requests"] == 5
+    assert "<!-- latency:begin -->" in doc.read_text()
+    assert (tmp_path / "img" / "bench-latency.png").stat().st_size > 1000
