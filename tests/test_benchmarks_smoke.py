@@ -2,7 +2,7 @@
 and its output keeps the structure docs/benchmarks.md is generated from, so the scripts do not rot.
 
 Needs the evaluation data (../shared/data) and the exported embedder; the latency part also needs
-``wrk`` (Debian package). Whatever is missing is skipped with the reason.
+``wrk`` (Debian package, installed by `make tools`). Whatever is missing fails the test with the reason.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ sys.path.insert(0, str(BENCH))
 
 def _need_data_and_embedder() -> None:
     if not (DATA / "pairs" / "qqp-dev.jsonl").is_file():
-        pytest.skip(f"evaluation data missing at {DATA}")
+        pytest.fail(f"evaluation data missing at {DATA}")
     from velo_proxy.settings import Settings
 
     if not (Path(Settings().embedder_dir) / "model.onnx").is_file():
-        pytest.skip("embedder not exported (velo-proxy models export)")
+        pytest.fail("embedder not exported: run `velo-proxy models export`")
 
 
 class _StubLRS:
@@ -98,7 +98,7 @@ def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_latency_smoke(tmp_path: Path) -> None:
     _need_data_and_embedder()
     if shutil.which("wrk") is None:
-        pytest.skip("wrk not installed (apt-get install wrk)")
+        pytest.fail("wrk not installed: run `make tools` (apt-get install -y wrk)")
     import latency
 
     out = tmp_path / "l.json"
