@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from velo_proxy import __version__
+from velo_proxy.admin import admin_router
 from velo_proxy.engine import ChatEngine
 from velo_proxy.errors import ProxyError, install_error_handlers, validation_error
 from velo_proxy.metrics import Metrics
@@ -164,8 +165,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def metrics() -> Response:
         app.state.services.refresh_gauges()
         return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    from velo_proxy.admin import admin_router
 
     app.include_router(admin_router)
     return app

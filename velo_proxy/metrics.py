@@ -10,6 +10,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 class Metrics:
     def __init__(self) -> None:
+        self._lookups = 0
+        self._hits = 0
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("velo_requests", "Chat requests by action taken.", ["action"], registry=r)
@@ -33,11 +35,12 @@ class Metrics:
                                     ["version"], registry=r)
 
     def count_lookup(self, hit: bool) -> None:
+        self._lookups += 1
         self.lookups.inc()
         if hit:
+            self._hits += 1
             self.hits.inc()
-        looked = self.lookups._value.get()  # noqa: SLF001 - prometheus_client exposes no public getter
-        self.hit_ratio.set(self.hits._value.get() / looked if looked else 0.0)  # noqa: SLF001
+        self.hit_ratio.set(self._hits / self._lookups)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

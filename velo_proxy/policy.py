@@ -156,13 +156,15 @@ class LearnedPolicy(Policy):
         observation = F.build_observation(request_vector, hits, top_p=self.top_p, now=now)
         p = self.probs([observation])[0]
         has_hits = bool(hits)
-        chosen = self.rule(p, has_hits)
-        allowed = [F.ACTION_A, F.ACTION_B, F.ACTION_C] if has_hits else [F.ACTION_B]
+        greedy = chosen = self.rule(p, has_hits)
         explored = False
-        if self.exploration_rate > 0 and len(allowed) > 1 and self._rng.random() < self.exploration_rate:
-            chosen, explored = self._rng.choice(allowed), True
-        probability = (1 - self.exploration_rate) * (1.0 if chosen == self.rule(p, has_hits) else 0.0)
-        probability += self.exploration_rate / len(allowed) if len(allowed) > 1 else self.exploration_rate
+        probability = 1.0  # without hits B is the only action
+        if has_hits:
+            eps = self.exploration_rate
+            if eps > 0 and self._rng.random() < eps:
+                chosen, explored = self._rng.choice((F.ACTION_A, F.ACTION_B, F.ACTION_C)), True
+            # probability of the logged action under "greedy with prob 1 - eps, uniform with prob eps"
+            probability = (1 - eps) * (chosen == greedy) + eps / 3
         entry = None
         if chosen in (F.ACTION_A, F.ACTION_C):
             index = F.select_entry(hits, top_p=self.top_p)
