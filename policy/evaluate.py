@@ -55,21 +55,24 @@ def evaluate(data: Dataset, policy, cfg: SimConfig, steps: int, *, seed: int = 1
     }
 
 
-def collect_calibration(data: Dataset, policy, cfg: SimConfig, steps: int, *, seed: int = 777) -> dict[str, np.ndarray]:
-    """Run ``policy`` (argmax) and record, for every decision with a hit, P(A) and whether the Eq. 4
-    entry is a true duplicate."""
-    pa, rel = [], []
+def collect_calibration(data: Dataset, policy, cfg: SimConfig, steps: int, *, seed: int = 777, driver=None) -> dict:
+    """Run ``driver`` (default: ``policy``, argmax) and record, for every decision with a semantic hit
+    (not the exact tier), ``policy``'s P(A), the Eq. 4 entry's similarity, whether it is a true duplicate
+    and the request's source; ``metrics`` is the run's ``evaluate`` result."""
+    rec: dict[str, list] = {"p_a": [], "similarity": [], "relevant": [], "source": []}
 
     def record(sim: EdgeSim, obs, acts):
         p = policy.probs(obs)
         for i in range(sim.N):
             j = sim.sel[i]
             if j is not None and sim.exact[i] is None:  # the exact tier is not the policy's call
-                pa.append(float(p[i, A]))
-                rel.append(float(sim.hits[i][j].entry.cluster == sim.requests[i]["cluster"]))
+                rec["p_a"].append(float(p[i, A]))
+                rec["similarity"].append(sim.hits[i][j].similarity)
+                rec["relevant"].append(float(sim.hits[i][j].entry.cluster == sim.requests[i]["cluster"]))
+                rec["source"].append(int(data.c_source[sim.requests[i]["cluster"]]))
 
-    evaluate(data, policy, cfg, steps, seed=seed, record=record)
-    return {"p_a": np.array(pa), "relevant": np.array(rel)}
+    metrics = evaluate(data, driver or policy, cfg, steps, seed=seed, record=record)
+    return {**{k: np.array(v) for k, v in rec.items()}, "metrics": metrics}
 
 
 def wilson_upper(k: float, n: float, z: float = 1.645) -> float:

@@ -38,16 +38,17 @@ def _plots(repo: Path, run: Path, results, names_by_w) -> list[str]:
             if not p.exists():
                 continue
             rows = _read_csv(p)
+            vrows, rows = rows, [r for r in rows if r["rollout_reward"]]  # update 0 = validation only
             x = np.array([float(r["env_steps"]) for r in rows])
             y = np.array([float(r["rollout_reward"]) for r in rows])
             k = min(5, len(y))
             ys = np.convolve(y, np.ones(k) / k, mode="valid")
             axes[0, j].plot(x[k - 1 :], ys, label=LABEL[m])
-            vx = [float(r["env_steps"]) for r in rows if r["val_reward"]]
-            vy = [float(r["val_reward"]) for r in rows if r["val_reward"]]
+            vx = [float(r["env_steps"]) for r in vrows if r["val_reward"]]
+            vy = [float(r["val_reward"]) for r in vrows if r["val_reward"]]
             axes[1, j].plot(vx, vy, marker="o", label=LABEL[m])
         axes[0, j].set_title(f"w = {w:g}: rollout reward (train split, moving avg)")
-        axes[1, j].set_title(f"w = {w:g}: validation reward (argmax policy)")
+        axes[1, j].set_title(f"w = {w:g}: validation reward (best serving rule)")
         axes[1, j].set_xlabel("agent decisions")
         axes[0, j].legend(fontsize=8)
     fig.tight_layout()

@@ -2,7 +2,7 @@
 calibrate LRS, evaluate everything on the test split, export the shipped policy, write the docs.
 
     python -m policy.reproduce                 # full run (docs/policy-results.md, docs/img/policy-*.png,
-                                               #  velo_proxy/policies/lrs-default.{onnx,json})
+                                               #  velo_proxy/policies/lrs-default.{onnx,json,pt})
     python -m policy.reproduce --quick         # minutes: tiny data, few updates, nothing shipped
 
 Training is per w (w in {0.01, 0.1, 1}); learned policies are trained with N = 3 agents in the nearest
@@ -31,7 +31,7 @@ MODES = ("nearest", "all")
 DELTAS = (0.005, 0.01, 0.02, 0.05, 0.1)
 LEARNED = ("lrs", "t-mappo", "g-mappo", "mappo")
 LABEL = {"lrs": "LRS", "t-mappo": "T-MAPPO", "g-mappo": "G-MAPPO", "mappo": "MAPPO"}
-POLICY_VERSION = "lrs-default-1"
+POLICY_VERSION = "lrs-default-2"
 SEEDS = (2024, 2025, 2026)
 VAL_SEEDS = (99, 100)
 CAL_SEEDS = (777, 778, 779)
@@ -72,6 +72,34 @@ def _train_job(args):
                                                     "top_p": cfg.sim.top_p, "embedder_id": data.embedder_id,
                                                     "config": asdict(cfg)})
     return method, w, time.time() - t0
+
+
+def calibrate_actor(data, actor, val_cfg, eval_steps: int) -> dict:
+    """The serving rule's calibration on validation (the ``velo_calibration`` metadata, docs/policy.md):
+    candidate thresholds are quantiles of P(A) on the actor's own validation decisions; each candidate
+    rule runs on validation (``CAL_SEEDS``) — its reward gives ``reward_threshold``, its false hits the
+    threshold per delta."""
+    from .baselines import NeuralPolicy
+    from .evaluate import calibrate_rules, collect_calibration, evaluate_seeds
+
+    rec = collect_calibration(data, NeuralPolicy(actor, "LRS"), val_cfg, eval_steps, seed=CAL_SEEDS[0])
+    cands = sorted({1.01, *np.quantile(rec["p_a"], [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999])
+                    .round(4).tolist()})
+    scores = {t: evaluate_seeds(data, NeuralPolicy(actor, "LRS", tau=t), val_cfg, eval_steps, CAL_SEEDS) for t in cands}
+    tau_r = max(scores, key=lambda t: scores[t]["reward"])
+    taus, cal_table = calibrate_rules(scores, DELTAS)
+    return {
+        "format": 1,
+        "rule": "serve A iff action_probs[A] >= thresholds[delta]; otherwise the more probable of B and C",
+        "reward_threshold_rule": "same rule with tau = reward_threshold: the reward-maximising tau on validation",
+        "default_delta": 0.02,
+        "thresholds": taus,
+        "w": val_cfg.qos.w,
+        "false_hit_rate": "wrong cache answers / all cache answers (exact tier included), one-sided 95 % Wilson "
+                          "upper bound on validation <= delta",
+        "validation": cal_table,
+        "reward_threshold": float(tau_r),
+    }
 
 
 def _methods(actors, w, threshold, taus):
@@ -120,11 +148,9 @@ def main(argv=None) -> None:
 
     import torch
 
-    from velo_proxy import features as F
-
-    from .baselines import Greedy, GreedyLLM, NeuralPolicy, Oracle, RandomPolicy, StaticThreshold, decide  # noqa: F401
+    from .baselines import NeuralPolicy, StaticThreshold
     from .data import DataSpec, cache_dir
-    from .evaluate import calibrate_rules, collect_calibration, evaluate_seeds
+    from .evaluate import evaluate_seeds
     from .export import export_onnx, parity
     from .sim import SimConfig
     from .train import load_actor
@@ -153,7 +179,7 @@ def main(argv=None) -> None:
     # ---- training ----
     tkw = {"updates": updates}
     if quick:
-        tkw.update(rollout_steps=64, eval_every=4, eval_steps=60, demo_steps=300)
+        tkw.update(rollout_steps=64, eval_every=4, eval_steps=60, demo_steps=300, neighbour_demos=600)
     jobs = [(data_path, m, w, tkw, out) for w in WS for m in LEARNED]
     if not a.skip_train:
         if a.jobs > 1:
@@ -183,29 +209,9 @@ def main(argv=None) -> None:
         scores = {t: evaluate_seeds(data, StaticThreshold(t), cfg_for(w, split="val"), eval_steps // 2, VAL_SEEDS)["reward"]
                   for t in grid}
         thresholds[w] = max(scores, key=scores.get)
-        pol = NeuralPolicy(actors[("lrs", w)], "LRS")
-        # P(A) of the policy's own decisions on validation gives the candidate thresholds
-        rec = collect_calibration(data, pol, cfg_for(w, split="val"), eval_steps, seed=CAL_SEEDS[0])
-        cands = sorted({1.01, *np.quantile(rec["p_a"], [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999])
-                        .round(4).tolist()})
-        # each candidate rule run on validation: reward (for the reward threshold) and false hits (for delta)
-        scores = {t: evaluate_seeds(data, NeuralPolicy(actors[("lrs", w)], "LRS", tau=t), cfg_for(w, split="val"),
-                                    eval_steps, CAL_SEEDS) for t in cands}
-        tau_r = max(scores, key=lambda t: scores[t]["reward"])
-        taus, cal_table = calibrate_rules(scores, DELTAS)
-        calibrations[w] = {
-            "format": 1,
-            "rule": "serve A iff action_probs[A] >= thresholds[delta]; otherwise the more probable of B and C",
-            "reward_threshold_rule": "same rule with tau = reward_threshold: the reward-maximising tau on validation",
-            "default_delta": 0.02,
-            "thresholds": taus,
-            "w": w,
-            "false_hit_rate": "wrong cache answers / all cache answers (exact tier included), one-sided 95 % Wilson "
-                              "upper bound on validation <= delta",
-            "validation": cal_table,
-            "reward_threshold": float(tau_r),
-        }
-        say(f"w={w:g}: static threshold {thresholds[w]:.2f} (val), LRS reward threshold {tau_r:.4f}, calibration {taus}")
+        calibrations[w] = calibrate_actor(data, actors[("lrs", w)], cfg_for(w, split="val"), eval_steps)
+        say(f"w={w:g}: static threshold {thresholds[w]:.2f} (val), LRS reward threshold "
+            f"{calibrations[w]['reward_threshold']:.4f}, calibration {calibrations[w]['thresholds']}")
 
     def taus_of(w):
         return (calibrations[w]["reward_threshold"], calibrations[w]["thresholds"]["0.02"])
@@ -258,6 +264,10 @@ def main(argv=None) -> None:
                "parity_max_abs_diff": parity_diff, "test_metrics_w0.1_n3_nearest": res01,
                "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()}
     onnx_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=float) + "\n")
+    if ship:  # the torch checkpoint next to it: `velo-proxy retrain` fine-tunes from it
+        import shutil
+
+        shutil.copyfile(out / "lrs-w0.1.pt", onnx_path.with_suffix(".pt"))
     say(f"exported {onnx_path} ({onnx_path.stat().st_size / 1024:.0f} KiB), parity {parity_diff:.1e}")
 
     total = time.time() - t_start + (t_train if a.skip_train else 0.0)

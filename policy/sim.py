@@ -290,6 +290,21 @@ class EdgeSim:
         self.exact = [next((j for j, h in enumerate(self.hits[i]) if h.entry.qid == self.requests[i]["q"]), None)
                       for i in range(self.N)]
 
+    def place_request(self, slot: int, q: int, cached: Sequence[int], created_at: Sequence[float]) -> None:
+        """Put decision ``slot`` in a constructed state: request text ``q`` (its LLM answer drawn as in
+        the stream) against a cache holding only the texts ``cached`` (best first; unused entries whose
+        answers are LLM answers to their own questions). The exact tier does not answer. For expert
+        demonstrations outside the stream (``train.collect_neighbour_demos``)."""
+        u = self.data.q_emb[q]
+        hits = []
+        for j, t in zip(cached, created_at):
+            c = int(self.data.q_cluster[j])
+            entry = SimEntry(vector=self.data.q_emb[j], answer=self._llm_answer(c), cluster=c, created_at=float(t), qid=int(j))
+            hits.append(SimHit(entry, float(entry.vector @ u)))
+        c = int(self.data.q_cluster[q])
+        self.requests[slot] = {"q": int(q), "cluster": c, "llm": self._llm_answer(c)}
+        self.hits[slot], self.sel[slot], self.exact[slot] = hits, F.select_entry(hits, top_p=self.cfg.top_p), None
+
     def observations(self) -> list[F.Observation]:
         return [F.build_observation(self.data.q_emb[self.requests[i]["q"]], self.hits[i], top_p=self.cfg.top_p,
                                     now=self.now) for i in range(self.N)]
@@ -302,12 +317,22 @@ class EdgeSim:
                 m[i, j] = float(h.entry.cluster == self.requests[i]["cluster"])
         return m
 
-    def global_state(self, obs: Sequence[F.Observation]) -> np.ndarray:
-        """[N, S] per-agent state rows for the centralised critic (training only)."""
+    def global_state(self, obs: Sequence[F.Observation], expected: np.ndarray | None = None) -> np.ndarray:
+        """[N, S] per-agent state rows for the centralised critic (training only).
+
+        Besides what the agents observe, a row holds privileged facts (legitimate for a CTDE critic,
+        never seen by the actor): which hits are true duplicates and the expected immediate reward of
+        each action (``expected_action_rewards``, /phi1; 0 and a flag when unavailable). The reward of a
+        step depends mostly on the request (an oasst1 prompt is answered worse than a QQP question
+        whatever the action); a critic that cannot see that leaves the advantage dominated by which
+        request came, not by which action was taken."""
         dup = self.true_duplicate_mask()
+        q = self.expected_action_rewards() if expected is None else expected
+        avail = np.isfinite(q)
+        qn = np.where(avail, q, 0.0) / self.qos.phi1
         rows = []
         for i, o in enumerate(obs):
-            rows.append(np.concatenate([o.hit_features.reshape(-1), o.hit_mask, dup[i],
+            rows.append(np.concatenate([o.hit_features.reshape(-1), o.hit_mask, dup[i], qn[i], avail[i],
                                         [len(self.caches[self.slot_edge[i]]) / self.cfg.capacity, self.t / max(1, self.cfg.episode_len)]]))
         return np.asarray(rows, dtype=np.float32)
 

@@ -31,7 +31,7 @@ def tiny(shared_data, embedder_dir):
 @pytest.fixture(scope="module")
 def trained(tiny):
     cfg = TrainConfig(method="lrs", updates=6, rollout_steps=64, eval_every=3, eval_steps=60, threads=1, demo_steps=400,
-                      sim=SimConfig(episode_len=192, capacity=300))
+                      neighbour_demos=300, sim=SimConfig(episode_len=192, capacity=300))
     actor, hist = train(tiny, cfg, progress=False)
     return actor, hist
 
@@ -48,11 +48,37 @@ def test_tiny_dataset_has_splits_by_cluster(tiny):
 
 def test_smoke_training_beats_random(tiny, trained):
     actor, hist = trained
-    assert len(hist) == 6 and hist[-1]["env_steps"] == 6 * 64 * 3
+    # update 0 = the imitation alone, validated before any PPO update (it may be the actor kept)
+    assert hist[0]["update"] == 0 and isinstance(hist[0]["val_reward"], float)
+    assert len(hist) == 7 and hist[-1]["env_steps"] == 6 * 64 * 3
     cfg = SimConfig(split="train", capacity=300)
     lrs = evaluate(tiny, NeuralPolicy(actor, "lrs"), cfg, 200, seed=5)
     rnd = evaluate(tiny, RandomPolicy(0), cfg, 200, seed=5)
     assert lrs["reward"] > rnd["reward"], (lrs, rnd)
+
+
+def test_neighbour_demos_are_labelled_training_decisions(tiny):
+    from policy.train import collect_neighbour_demos
+
+    sim_cfg = SimConfig(capacity=300)
+    demos = collect_neighbour_demos(tiny, sim_cfg, 240, seed=3)
+    u, v, feats, mask, regret, label = demos
+    assert u.shape[0] == 240 and mask[:, 0].eq(1).all()  # every decision has a hit: a semantic decision
+    train_q = {tuple(np.round(tiny.q_emb[q], 5)) for c in tiny.clusters("train") for q in tiny.c_members[c]}
+    for i in range(0, 240, 17):  # request and hits come from the training split only, never the request itself
+        assert tuple(np.round(u[i].numpy(), 5)) in train_q
+        for j in range(int(mask[i].sum())):
+            assert tuple(np.round(v[i, j].numpy(), 5)) in train_q
+            assert not torch.allclose(v[i, j], u[i])
+    # the expert's label has zero regret, the others do not cost less; labels are not all one action
+    assert torch.all(regret.gather(1, label[:, None]) == 0)
+    assert len(set(label.tolist())) >= 2
+    # entries are unused: use count 0 and the initial cache value
+    k_use, k_val = F.HIT_FEATURE_NAMES.index("log_use_count"), F.HIT_FEATURE_NAMES.index("cache_value")
+    assert feats[..., k_use].eq(0).all() and feats[..., k_val].eq(0).all()
+    # the expert serves (A) true duplicates, which are more similar on average than what it forwards (B)
+    sims = feats[:, 0, F.HIT_FEATURE_NAMES.index("similarity")]
+    assert sims[label == 0].mean() > sims[label == 1].mean()
 
 
 def test_training_is_reproducible(tiny):
@@ -96,3 +122,24 @@ def test_export_parity_and_metadata(tiny, trained, tmp_path):
         with torch.no_grad():
             ref = torch.softmax(actor(*(torch.from_numpy(batch[k]) for k in F.INPUT_NAMES)), -1).numpy()
         assert np.max(np.abs(out - ref)) <= 1e-5
+
+
+def test_collect_calibration_records_under_a_driver(tiny, trained):
+    from policy.baselines import StaticThreshold
+    from policy.evaluate import collect_calibration
+
+    actor, _ = trained
+    cfg = SimConfig(split="val", capacity=300)
+    rec = collect_calibration(tiny, NeuralPolicy(actor, "lrs"), cfg, 150, seed=9, driver=StaticThreshold(0.9))
+    # the run is the driver's: same metrics as evaluating the threshold alone on that seed
+    assert rec["metrics"] == evaluate(tiny, StaticThreshold(0.9), cfg, 150, seed=9)
+    n = len(rec["p_a"])
+    assert n > 0 and all(len(rec[k]) == n for k in ("similarity", "relevant", "source"))
+    assert ((rec["p_a"] >= 0) & (rec["p_a"] <= 1)).all() and (rec["similarity"] <= 1.0 + 1e-5).all()
+
+
+def test_roc_auc_by_hand():
+    from policy.diagnose import roc_auc_score
+
+    # positives 0.9, 0.4; negatives 0.5, 0.4, 0.1: pairs won 3 + 1 + 0.5 (tie) of 6
+    assert roc_auc_score(np.array([1, 0, 1, 0, 0]), np.array([0.9, 0.5, 0.4, 0.4, 0.1])) == 4.5 / 6

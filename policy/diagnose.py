@@ -1,0 +1,93 @@
+"""How does a trained actor decide semantic hits, against the cosine? (docs/policy.md, "Status")
+
+    python -m policy.diagnose ~/.cache/velo-proxy/sim/runs/full/lrs-w0.1.pt
+    python -m policy.diagnose --rules ~/.cache/velo-proxy/sim/runs/full/{lrs,g-mappo}-w0.1.pt
+
+Ranking (default): runs the static 0.90 threshold on the test stream seeds (a neutral cache history)
+and records, for every decision with a semantic hit (not the exact tier), the actor's P(A), the Eq. 4
+entry's cosine and whether that entry is a true duplicate; prints ROC AUC per source and right answers
+among the top k.
+
+``--rules``: each actor's test reward (N = 3, nearest edge) under the argmax and under the threshold
+rule on P(A) calibrated on validation exactly as the shipped policy is (``reproduce.calibrate_actor``):
+does an actor gain from LRS's serving rule?
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+
+def roc_auc_score(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC = P(score of a random positive > score of a random negative), ties counted half."""
+    labels = np.asarray(labels, dtype=bool)
+    pos, neg = np.asarray(scores)[labels], np.asarray(scores)[~labels]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def ranking(data, actor, cfg) -> None:
+    from .baselines import NeuralPolicy, StaticThreshold
+    from .data import SOURCES
+    from .evaluate import collect_calibration
+    from .reproduce import SEEDS
+
+    recs = [collect_calibration(data, NeuralPolicy(actor, "actor"), cfg, 500, seed=s, driver=StaticThreshold(0.9))
+            for s in SEEDS]
+    r = {k: np.concatenate([x[k] for x in recs]) for k in ("p_a", "similarity", "relevant", "source")}
+    rel = r["relevant"] > 0
+    print(f"{len(rel)} semantic decisions, {int(rel.sum())} with a true duplicate")
+    for src in (None, *np.unique(r["source"])):
+        m = np.ones(len(rel), bool) if src is None else r["source"] == src
+        if 0 < rel[m].sum() < m.sum():
+            print(f"{'all' if src is None else SOURCES[src]:7s} n={m.sum():5d} right={int(rel[m].sum()):4d} "
+                  f"AUC P(A) {roc_auc_score(rel[m], r['p_a'][m]):.3f}  AUC cosine {roc_auc_score(rel[m], r['similarity'][m]):.3f}")
+    for name in ("p_a", "similarity"):
+        top = rel[np.argsort(-r[name], kind="stable")]
+        print(f"right among the top 50/100/150/200 by {name}: {[int(top[:k].sum()) for k in (50, 100, 150, 200)]}")
+
+
+def rules(data, name: str, actor, cfg) -> None:
+    from .baselines import NeuralPolicy
+    from .evaluate import evaluate_seeds
+    from .reproduce import SEEDS, calibrate_actor
+
+    cal = calibrate_actor(data, actor, replace(cfg, split="val"), 500)
+    for label, tau in (("argmax", None), (f"reward tau {cal['reward_threshold']:.4f}", cal["reward_threshold"]),
+                       (f"delta 0.02 tau {cal['thresholds']['0.02']:.4f}", cal["thresholds"]["0.02"])):
+        m = evaluate_seeds(data, NeuralPolicy(actor, name, tau=tau), cfg, 500, SEEDS)
+        print(f"{name:24s} {label:24s} reward {m['reward']:.3f} (sd {m['reward_sd']:.3f}) hit {m['hit_rate']:.3f} "
+              f"false hit {m['false_hit_rate']:.3f}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", type=Path, nargs="+")
+    ap.add_argument("--rules", action="store_true", help="test reward under the argmax and the calibrated rules")
+    ap.add_argument("--w", type=float, default=0.1)
+    a = ap.parse_args(argv)
+    import torch
+
+    from .data import DataSpec, cache_dir
+    from .reproduce import _dataset
+    from .sim import SimConfig
+    from .train import load_actor
+
+    torch.set_num_threads(1)
+    data, _ = _dataset(DataSpec(), cache_dir() / "runs")
+    base = SimConfig()
+    cfg = replace(base, split="test", qos=replace(base.qos, w=a.w))
+    for path in a.checkpoints:
+        actor = load_actor(path)[0]
+        if a.rules:
+            rules(data, path.stem, actor, cfg)
+        else:
+            ranking(data, actor, cfg)
+
+
+if __name__ == "__main__":
+    main()
