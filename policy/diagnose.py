@@ -10,7 +10,8 @@ among the top k.
 
 ``--rules``: each actor's test reward (N = 3, nearest edge) under the argmax and under the threshold
 rule on P(A) calibrated on validation exactly as the shipped policy is (``reproduce.calibrate_actor``):
-does an actor gain from LRS's serving rule?
+does an actor gain from LRS's serving rule? Every checkpoint after the first is also compared with the
+first seed by seed (same test streams: paired difference +- its standard error).
 """
 
 from __future__ import annotations
@@ -51,17 +52,21 @@ def ranking(data, actor, cfg) -> None:
         print(f"right among the top 50/100/150/200 by {name}: {[int(top[:k].sum()) for k in (50, 100, 150, 200)]}")
 
 
-def rules(data, name: str, actor, cfg) -> None:
+def rules(data, name: str, actor, cfg) -> dict:
+    """Test reward of the actor under the argmax and its calibrated rules; returns the results by rule."""
     from .baselines import NeuralPolicy
     from .evaluate import evaluate_seeds
     from .reproduce import SEEDS, calibrate_actor
 
     cal = calibrate_actor(data, actor, replace(cfg, split="val"), 500)
-    for label, tau in (("argmax", None), (f"reward tau {cal['reward_threshold']:.4f}", cal["reward_threshold"]),
-                       (f"delta 0.02 tau {cal['thresholds']['0.02']:.4f}", cal["thresholds"]["0.02"])):
-        m = evaluate_seeds(data, NeuralPolicy(actor, name, tau=tau), cfg, 500, SEEDS)
+    out = {}
+    for rule, label, tau in (("argmax", "argmax", None),
+                             ("reward", f"reward tau {cal['reward_threshold']:.4f}", cal["reward_threshold"]),
+                             ("delta", f"delta 0.02 tau {cal['thresholds']['0.02']:.4f}", cal["thresholds"]["0.02"])):
+        m = out[rule] = evaluate_seeds(data, NeuralPolicy(actor, name, tau=tau), cfg, 500, SEEDS)
         print(f"{name:24s} {label:24s} reward {m['reward']:.3f} (sd {m['reward_sd']:.3f}) hit {m['hit_rate']:.3f} "
               f"false hit {m['false_hit_rate']:.3f}")
+    return out
 
 
 def main(argv=None) -> None:
@@ -81,12 +86,23 @@ def main(argv=None) -> None:
     data, _ = _dataset(DataSpec(), cache_dir() / "runs")
     base = SimConfig()
     cfg = replace(base, split="test", qos=replace(base.qos, w=a.w))
+    from .evaluate import paired_difference
+
+    first = None
     for path in a.checkpoints:
         actor = load_actor(path)[0]
-        if a.rules:
-            rules(data, path.stem, actor, cfg)
-        else:
+        if not a.rules:
             ranking(data, actor, cfg)
+            continue
+        name = f"{path.parent.name}/{path.stem}"
+        res = rules(data, name, actor, cfg)
+        if first is None:
+            first = (name, res)
+            continue
+        for rule in ("argmax", "reward"):  # seed by seed against the first checkpoint's same rule
+            d = paired_difference(res[rule], first[1][rule])
+            print(f"{name} - {first[0]} ({rule}): {d['mean']:+.4f} +- {d['se']:.4f} (SE), ahead on "
+                  f"{d['ahead']}/{d['seeds']} streams")
 
 
 if __name__ == "__main__":

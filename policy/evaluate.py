@@ -108,7 +108,8 @@ def calibrate(p_a: np.ndarray, relevant: np.ndarray, deltas=(0.005, 0.01, 0.02, 
 
 def evaluate_seeds(data: Dataset, policy, cfg: SimConfig, steps: int, seeds=(2024, 2025, 2026)) -> dict:
     """``evaluate`` averaged over several stream seeds (each seed has its own popularity order, so a
-    few popular near-miss groups do not decide the ranking); adds ``reward_sd`` across seeds."""
+    few popular near-miss groups do not decide the ranking); adds ``reward_sd`` across seeds and
+    ``reward_seeds``, the reward per seed (for paired comparisons: every method sees the same streams)."""
     ms = [evaluate(data, policy, cfg, steps, seed=s) for s in seeds]
     out = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
     out["hits"] = float(sum(m["hits"] for m in ms))
@@ -116,7 +117,17 @@ def evaluate_seeds(data: Dataset, policy, cfg: SimConfig, steps: int, seeds=(202
     wrong = sum(m["false_hit_rate"] * m["hits"] for m in ms)
     out["false_hit_rate"] = wrong / max(out["hits"], 1.0)
     out["reward_sd"] = float(np.std([m["reward"] for m in ms]))
+    out["reward_seeds"] = [float(m["reward"]) for m in ms]
     return out
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Reward of ``a`` minus that of ``b`` (``evaluate_seeds`` results on the same seeds), seed by seed:
+    mean, its standard error, and on how many seeds ``a`` is ahead. The streams' difficulty differs
+    far more between seeds than the methods do, so the paired difference is the firm comparison."""
+    d = np.asarray(a["reward_seeds"]) - np.asarray(b["reward_seeds"])
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se, "ahead": int((d > 0).sum()), "seeds": int(len(d))}
 
 
 def calibrate_rules(scores: dict[float, dict], deltas=(0.005, 0.01, 0.02, 0.05, 0.1)) -> tuple[dict[str, float], list]:

@@ -1,4 +1,4 @@
-"""PPO pieces, importable and unit-tested: GAE, the clipped surrogate, the value loss, the rollout
+"""PPO pieces, importable and unit-tested: GAE, the immediate advantage, the clipped surrogate, the value loss, the rollout
 buffer (preallocated, shapes visible) and the demonstration share schedule of Algorithm 1."""
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
         gae = delta + gamma * lam * nonterminal * gae
         adv[t] = gae
     return adv, adv + values
+
+
+def immediate_advantage(action_values, probs, actions):
+    """Advantage of the action taken against the policy's average, from known expected action values,
+    without bootstrapping: Q(a_t) - sum_b pi(b) Q(b). Unavailable actions (value -inf) count as 0; the
+    actor gives them probability 0. numpy arrays [n, 3], [n, 3], [n] -> [n]."""
+    import numpy as np
+
+    q = np.where(np.isfinite(action_values), action_values, 0.0)
+    return (q[np.arange(len(actions)), actions] - (probs * q).sum(1)).astype(np.float32)
 
 
 def ppo_policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float,

@@ -27,7 +27,7 @@ from .baselines import NeuralPolicy
 from .data import Dataset
 from .evaluate import evaluate
 from .networks import Critic, make_actor
-from .ppo import Rollout, compute_gae, demo_share, ppo_policy_loss, value_loss
+from .ppo import Rollout, compute_gae, demo_share, immediate_advantage, ppo_policy_loss, value_loss
 from .sim import EdgeSim, SimConfig
 
 METHODS = {"lrs": ("transformer", True), "t-mappo": ("transformer", False), "g-mappo": ("mlp", True),
@@ -59,6 +59,12 @@ class TrainConfig:
     after B/C pays off later, within the first few dozen steps): with 0.95 the advantage sums the
     next ~20 requests' outcomes, which no action here controls (PPO's decline from the imitation is
     steeper, docs/policy.md)."""
+    advantage: str = "gae"
+    """What the PPO surrogate is weighted by. ``gae``: GAE over the sampled rewards with the centralised
+    critic (MAPPO). ``gae-expected``: the same over the simulator's expected reward of the action taken
+    (``EdgeSim.expected_action_rewards``, the expectation over the LLM's possible answers; same mean, the
+    answer's draw removed). ``immediate``: Q_E(a) - sum_b pi(b) Q_E(b) from the expected action values,
+    no bootstrapping (what the next request brings does not enter). Measured in docs/policy.md, Status."""
     clip: float = 0.2
     """PPO clip epsilon (paper)."""
     ent_coef: float = 0.01
@@ -123,6 +129,8 @@ def train(data: Dataset, cfg: TrainConfig, *, log_csv: Path | None = None, progr
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     arch, use_demos = METHODS[cfg.method]
+    if cfg.advantage not in ("gae", "gae-expected", "immediate"):
+        raise ValueError(f"unknown advantage {cfg.advantage!r}")
     sim_cfg = replace(cfg.sim, split="train", seed=cfg.seed, reshuffle=True)
     sim = EdgeSim(data, sim_cfg)
     N, D, P, K = sim.N, data.dim, sim_cfg.top_p, F.K
@@ -134,6 +142,7 @@ def train(data: Dataset, cfg: TrainConfig, *, log_csv: Path | None = None, progr
     opt_c = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic, eps=1e-5)
     buf = Rollout.allocate(cfg.rollout_steps, N, D, P, K, S)
     exact_buf = torch.zeros(cfg.rollout_steps, N)
+    immediate_buf = torch.zeros(cfg.rollout_steps, N)  # Q_E(a) - E_pi Q_E (advantage "immediate")
     regret_buf = torch.zeros(cfg.rollout_steps, N, 3)  # expert's regret of each action (imitation target)
     demos = None
     if use_demos:
@@ -187,7 +196,11 @@ def train(data: Dataset, cfg: TrainConfig, *, log_csv: Path | None = None, progr
             take = (rng.random(N) < beta) if beta > 0 else np.zeros(N, dtype=bool)
             act = np.where(take, expert, a.numpy())
             logp = dist.log_prob(torch.from_numpy(act)).detach()
+            immediate_buf[t] = torch.from_numpy(immediate_advantage(q_exp, torch.softmax(logits, -1).numpy(), act))
             rew, info, done, obs = sim.step(act)
+            if cfg.advantage == "gae-expected":  # exact-tier answers keep their (action-independent) reward
+                chosen = q_exp[np.arange(N), act]
+                rew = np.where((info.exact > 0) | ~np.isfinite(chosen), rew, chosen)
             buf.request_embedding[t], buf.hit_embeddings[t], buf.hit_features[t], buf.hit_mask[t] = inp
             buf.state[t] = torch.from_numpy(state)
             buf.actions[t] = torch.from_numpy(act)
@@ -212,7 +225,7 @@ def train(data: Dataset, cfg: TrainConfig, *, log_csv: Path | None = None, progr
         flat = lambda x: x.reshape(T * N, *x.shape[2:])  # noqa: E731
         f_inp = [flat(buf.request_embedding), flat(buf.hit_embeddings), flat(buf.hit_features), flat(buf.hit_mask)]
         f_act, f_from, f_regret = flat(buf.actions), flat(buf.from_expert), flat(regret_buf)
-        f_logp, f_adv = flat(buf.logp), flat(adv)
+        f_logp, f_adv = flat(buf.logp), flat(adv if cfg.advantage != "immediate" else immediate_buf)
         f_policy = 1.0 - flat(exact_buf)  # decisions the policy made (not the exact tier)
         f_adv = (f_adv - f_adv.mean()) / (f_adv.std() + 1e-8)
         states, rets = buf.state, ret  # critic trains on whole time steps [T, N, S] -> [T, N]
@@ -429,7 +442,11 @@ def main(argv=None) -> None:
     for f in fields(TrainConfig):
         if f.name == "sim":
             continue
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):  # --expected-rewards / --no-expected-rewards
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            ap.add_argument(flag, type=type(f.default), default=f.default)
     ap.add_argument("--w", type=float, default=0.1)
     ap.add_argument("--tiny", action="store_true", help="tiny dataset (tests)")
     ap.add_argument("--out", type=Path, default=Path("runs"))

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from policy.ppo import compute_gae, demo_share, ppo_policy_loss, value_loss  # noqa: E402
+from policy.ppo import compute_gae, demo_share, immediate_advantage, ppo_policy_loss, value_loss  # noqa: E402
 
 
 def test_gae_hand_computed():
@@ -43,3 +43,14 @@ def test_demo_share_decays():
     assert demo_share(2, 0.5, 0.9) == pytest.approx(0.405)
     assert demo_share(100, 0.5, 0.9, floor=0.01) == 0.01
     assert math.isclose(demo_share(1, 1.0, 0.5), 0.5)
+
+
+def test_immediate_advantage_hand_computed():
+    import numpy as np
+
+    q = np.array([[-5.0, -7.0, -6.0], [-np.inf, -8.0, -np.inf]])
+    pi = np.array([[0.5, 0.25, 0.25], [0.0, 1.0, 0.0]])
+    adv = immediate_advantage(q, pi, np.array([1, 1]))
+    # row 0: -7 - (0.5*-5 + 0.25*-7 + 0.25*-6) = -7 + 5.75; row 1: only B is available
+    assert np.allclose(adv, [-1.25, 0.0])
+    assert np.allclose(immediate_advantage(q, pi, np.array([0, 1])), [0.75, 0.0])

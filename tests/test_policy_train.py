@@ -143,3 +143,14 @@ def test_roc_auc_by_hand():
 
     # positives 0.9, 0.4; negatives 0.5, 0.4, 0.1: pairs won 3 + 1 + 0.5 (tie) of 6
     assert roc_auc_score(np.array([1, 0, 1, 0, 0]), np.array([0.9, 0.5, 0.4, 0.4, 0.1])) == 4.5 / 6
+
+
+def test_paired_difference_by_hand():
+    from policy.evaluate import paired_difference
+
+    a = {"reward_seeds": [-7.0, -6.0, -8.0]}
+    b = {"reward_seeds": [-7.1, -5.9, -8.2]}
+    d = paired_difference(a, b)  # differences 0.1, -0.1, 0.2: mean 0.0667, sd 0.1528
+    assert d["ahead"] == 2 and d["seeds"] == 3
+    assert d["mean"] == pytest.approx(0.2 / 3)
+    assert d["se"] == pytest.approx(np.std([0.1, -0.1, 0.2], ddof=1) / np.sqrt(3))
