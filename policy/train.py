@@ -196,7 +196,8 @@ def train(data: Dataset, cfg: TrainConfig, *, log_csv: Path | None = None, progr
             take = (rng.random(N) < beta) if beta > 0 else np.zeros(N, dtype=bool)
             act = np.where(take, expert, a.numpy())
             logp = dist.log_prob(torch.from_numpy(act)).detach()
-            immediate_buf[t] = torch.from_numpy(immediate_advantage(q_exp, torch.softmax(logits, -1).numpy(), act))
+            if cfg.advantage == "immediate":
+                immediate_buf[t] = torch.from_numpy(immediate_advantage(q_exp, torch.softmax(logits, -1).numpy(), act))
             rew, info, done, obs = sim.step(act)
             if cfg.advantage == "gae-expected":  # exact-tier answers keep their (action-independent) reward
                 chosen = q_exp[np.arange(N), act]
@@ -442,11 +443,7 @@ def main(argv=None) -> None:
     for f in fields(TrainConfig):
         if f.name == "sim":
             continue
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):  # --expected-rewards / --no-expected-rewards
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--w", type=float, default=0.1)
     ap.add_argument("--tiny", action="store_true", help="tiny dataset (tests)")
     ap.add_argument("--out", type=Path, default=Path("runs"))

@@ -91,6 +91,17 @@ def test_training_is_reproducible(tiny):
         assert torch.equal(p, q)
 
 
+def test_advantage_choice_changes_the_update(tiny):
+    cfg = TrainConfig(method="mappo", updates=1, rollout_steps=32, eval_every=100, eval_steps=20,
+                      sim=SimConfig(episode_len=64, capacity=100))
+    base, _ = train(tiny, cfg, progress=False)
+    for advantage in ("gae-expected", "immediate"):
+        other, _ = train(tiny, replace(cfg, advantage=advantage), progress=False)
+        assert any(not torch.equal(p, q) for p, q in zip(base.parameters(), other.parameters())), advantage
+    with pytest.raises(ValueError, match="unknown advantage"):
+        train(tiny, replace(cfg, advantage="td"), progress=False)
+
+
 def test_export_parity_and_metadata(tiny, trained, tmp_path):
     import onnxruntime as ort
 
