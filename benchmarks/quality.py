@@ -5,7 +5,9 @@
 
 Workloads (from ``../shared/data``, subsampled with a fixed seed, see ``--qqp-pairs`` etc.):
 QQP dev, PAWS-Wiki dev, PAWS-X dev (7 languages), XQuAD (one question in five languages) and GPTCache's
-mock paraphrase set. Every distinct text is one request; texts are grouped into clusters (duplicate
+mock paraphrase set. QQP rows and XQuAD questions that the shipped policy's simulator trains on
+(``policy.data.training_texts``: its train split and its training-only labelled pairs) are left out,
+so the learned policy is measured on text it has not seen. Every distinct text is one request; texts are grouped into clusters (duplicate
 pairs joined transitively, an XQuAD question in its five languages, a mock origin and its paraphrase).
 The stream is a random permutation of the texts (seed 0): the first member of a cluster to arrive has
 no right answer in the cache (a "negative": any hit on it is wrong), later members have one
@@ -152,15 +154,20 @@ def _from_pairs(name: str, description: str, pairs: list[dict[str, Any]], seed: 
 
 
 def load_workloads(names: Sequence[str], *, qqp_pairs: int, paws_pairs: int, pawsx_pairs: int,
-                   xquad_questions: int, mock_pairs: int, seed: int = 0) -> list[Workload]:
+                   xquad_questions: int, mock_pairs: int, seed: int = 0,
+                   exclude: set[str] = frozenset()) -> list[Workload]:
+    """``exclude``: texts the shipped policy was trained on (``policy.data.training_texts``); QQP rows
+    and XQuAD questions with any of them are left out, so every system is measured on held-out text."""
     common.require_data()
     out = []
     for name in names:
         rng = random.Random(seed)
         if name == "qqp":
             rows = _read_jsonl(DATA / "pairs" / "qqp-dev.jsonl")
+            rows = [r for r in rows if r["q1"].strip() not in exclude and r["q2"].strip() not in exclude]
             rows = rng.sample(rows, min(qqp_pairs, len(rows)))
-            out.append(_from_pairs("qqp", f"QQP dev, {len(rows):,} pairs sampled (seed {seed})", rows, seed))
+            out.append(_from_pairs("qqp", f"QQP dev, {len(rows):,} pairs sampled (seed {seed}) from the rows "
+                                   "the policy was not trained on", rows, seed))
         elif name == "paws-wiki":
             rows = _read_jsonl(DATA / "pairs" / "paws-wiki-dev.jsonl")
             rows = rng.sample(rows, min(paws_pairs, len(rows)))
@@ -173,6 +180,8 @@ def load_workloads(names: Sequence[str], *, qqp_pairs: int, paws_pairs: int, paw
             out.append(_from_pairs("paws-x", f"PAWS-X dev, {pawsx_pairs:,} pairs x 7 languages", rows, seed))
         elif name == "xquad":
             rows = _read_jsonl(DATA / "qa" / "xquad-parallel-dev.jsonl")
+            rows = [r for r in rows if not any((r.get(f"question_{lang}") or "").strip() in exclude
+                                               for lang in ("en", "es", "de", "ru", "zh"))]
             rows = rows[:xquad_questions]
             items: dict[str, tuple[int, str]] = {}
             for ci, r in enumerate(rows):
@@ -182,7 +191,8 @@ def load_workloads(names: Sequence[str], *, qqp_pairs: int, paws_pairs: int, paw
                         items[q] = (ci, lang)
             texts = list(items)
             random.Random(seed).shuffle(texts)
-            out.append(Workload("xquad", f"XQuAD, {len(rows):,} questions x 5 languages (en es de ru zh)", texts,
+            out.append(Workload("xquad", f"XQuAD, {len(rows):,} questions x 5 languages (en es de ru zh), "
+                                "those the policy was not trained on", texts,
                                 np.array([items[t][0] for t in texts], dtype=np.int64), [items[t][1] for t in texts]))
         elif name == "gptcache-mock":
             pairs = json.loads((DATA / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:mock_pairs]
@@ -594,6 +604,13 @@ def load_lrs(embedder: Any, delta: float) -> Any | None:
     return LearnedPolicy(path, embedder_id=embedder.id, dim=embedder.dim, max_false_hit_rate=delta)
 
 
+def _training_texts() -> set[str]:
+    """What the shipped policy was trained on (its simulator's training data), left out of the workloads."""
+    from policy.data import training_texts
+
+    return training_texts()
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from velo_proxy.policy import ThresholdPolicy
 
@@ -602,7 +619,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     cache = common.EmbeddingCache(embedder)
     workloads = load_workloads(args.workloads, qqp_pairs=args.qqp_pairs, paws_pairs=args.paws_pairs,
                                pawsx_pairs=args.pawsx_pairs, xquad_questions=args.xquad_questions,
-                               mock_pairs=args.mock_pairs)
+                               mock_pairs=args.mock_pairs, exclude=_training_texts())
     embed_workloads(workloads, cache)
     lrs = {d: load_lrs(embedder, d) for d in DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None

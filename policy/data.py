@@ -32,14 +32,16 @@ from typing import Sequence
 
 import numpy as np
 
-SOURCES = ("qqp", "xquad", "oasst1", "nq")
-SPLITS = ("train", "val", "test")
+SOURCES = ("qqp", "xquad", "oasst1", "nq", "sts")
+#: ``pairs``: labelled pairs for training demonstrations only (``collect_neighbour_demos``); never in
+#: a request stream, and sharing no text with the other splits.
+SPLITS = ("train", "val", "test", "pairs")
 XQUAD_LANGS = ("en", "es", "de", "ru", "zh")
 #: Sources whose answers are short strings (a name, a date, a number): judged by exact match, not by
 #: embedding distance (MiniLM puts "1972" next to "1988"), see ``answer_identity``.
 SHORT_ANSWER_SOURCES = ("xquad", "nq")
 #: Bump when the dataset construction changes (part of the cache key of built datasets).
-DATA_VERSION = 3
+DATA_VERSION = 4
 CONSENSUS = "<consensus of the replies>"
 
 
@@ -160,13 +162,27 @@ class DataSpec:
     """oasst1 prompts with at least one reply (the validation slice has ~480)."""
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     """Share of groups in train / val / test."""
+    qqp_pair_rows: int = 15000
+    """More QQP rows (duplicates and not, as they come in the file) for the ``pairs`` split: training
+    demonstrations only. Rows that share a text with the sampled ones above are left out, so no text
+    of validation or test is among them."""
+    sts_rows: int = 2000
+    """STS-B *train* rows (not used by any benchmark) for the ``pairs`` split: each sentence in the five
+    XQuAD languages is one cluster (translations are the same request, as in XQuAD); a row's two
+    sentences are one cluster when scored >= ``sts_duplicate_score``, near misses (one group) when
+    scored >= ``sts_near_miss_score``."""
+    sts_duplicate_score: float = 4.6
+    """STS-B score from which a row's two sentences count as the same request (5 = equivalent)."""
+    sts_near_miss_score: float = 2.5
+    """STS-B score from which a row's two sentences are near misses of each other."""
     seed: int = 0
     """Sampling and split seed."""
 
     @classmethod
     def tiny(cls) -> "DataSpec":
         """A few hundred texts, for the tests."""
-        return cls(qqp_duplicate_pairs=80, qqp_near_miss_pairs=80, xquad_questions=24, nq_questions=30, oasst1_prompts=30)
+        return cls(qqp_duplicate_pairs=80, qqp_near_miss_pairs=80, xquad_questions=24, nq_questions=30, oasst1_prompts=30,
+                   qqp_pair_rows=150, sts_rows=40)
 
 
 @dataclass
@@ -311,7 +327,71 @@ def collect_texts(spec: DataSpec) -> dict:
             split_of[groups[gi]] = 0 if rank < n_tr else (1 if rank < n_tr + n_va else 2)
     for c in clusters:
         c["split"] = split_of[c["group"]]
+    # Appended after the three splits, with their own generator: the stream splits stay as they were.
+    clusters += _pair_clusters(spec, root, {t for c in clusters for t in c["members"]}, rows, dup, non)
     return {"clusters": clusters, "spec": spec}
+
+
+def training_texts(spec: DataSpec | None = None) -> set[str]:
+    """Every text the policy is trained on (the ``train`` and ``pairs`` splits): benchmarks that
+    measure a learned policy leave them out of their workloads (``benchmarks/quality.py``)."""
+    col = collect_texts(spec or DataSpec())
+    return {t for c in col["clusters"] if c["split"] in (SPLITS.index("train"), SPLITS.index("pairs"))
+            for t in c["members"]}
+
+
+def _pair_clusters(spec: DataSpec, root: Path, taken: set[str], qqp_rows: list[dict], qqp_dup: list[dict],
+                   qqp_non: list[dict]) -> list[dict]:
+    """Clusters of the ``pairs`` split: more QQP rows and cross-lingual STS-B train sentences."""
+    rng = np.random.default_rng(spec.seed + 2)
+    out: list[dict] = []
+    split = SPLITS.index("pairs")
+    free = [r for r in qqp_rows if r["q1"].strip() not in taken and r["q2"].strip() not in taken]
+    pick = [free[i] for i in sorted(rng.choice(len(free), size=min(spec.qqp_pair_rows, len(free)), replace=False))]
+    texts = {t.strip() for r in pick for t in (r["q1"], r["q2"])}
+    uf, guf = _UF(), _UF()
+    for t in sorted(texts):
+        uf.find(t)
+    for r in qqp_dup:
+        a, b = r["q1"].strip(), r["q2"].strip()
+        if a in texts and b in texts:
+            uf.union(a, b)
+    for r in qqp_non:
+        a, b = r["q1"].strip(), r["q2"].strip()
+        if a in texts and b in texts and uf.find(a) != uf.find(b):
+            guf.union(uf.find(a), uf.find(b))
+    members: dict[str, list[str]] = {}
+    for t in sorted(texts):
+        members.setdefault(uf.find(t), []).append(t)
+    for c, ms in members.items():
+        out.append({"source": "qqp", "group": "qqp-pairs:" + guf.find(c), "members": ms, "ref": None, "answers": [],
+                    "split": split})
+
+    if spec.sts_rows > 0:
+        per_lang = {lang: _read_sts(_require(root / "sts" / f"stsb-{lang}-train.csv")) for lang in XQUAD_LANGS}
+        n = min(len(v) for v in per_lang.values())
+        for i in sorted(rng.choice(n, size=min(spec.sts_rows, n), replace=False)):
+            score = per_lang["en"][i][2]
+            s1 = [per_lang[lang][i][0] for lang in XQUAD_LANGS]
+            s2 = [per_lang[lang][i][1] for lang in XQUAD_LANGS]
+            group = f"sts:{i}" if score >= spec.sts_near_miss_score else None
+            sides = [s1 + s2] if score >= spec.sts_duplicate_score else [s1, s2]
+            for j, ms in enumerate(sides):
+                ms = [t for t in dict.fromkeys(ms) if t and t not in taken]
+                if ms:
+                    out.append({"source": "sts", "group": group or f"sts:{i}:{j}", "members": ms, "ref": None,
+                                "answers": [], "split": split})
+    seen = set(taken)
+    for c in out:  # a text in two clusters stays in the first one (as above)
+        c["members"] = [t for t in c["members"] if not (t in seen or seen.add(t))]
+    return [c for c in out if c["members"]]
+
+
+def _read_sts(path: Path) -> list[tuple[str, str, float]]:
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        return [(r[0].strip(), r[1].strip(), float(r[2])) for r in csv.reader(f) if len(r) >= 3]
 
 
 def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool = True) -> Dataset:
@@ -397,7 +477,7 @@ def synthetic_dataset(n_clusters: int = 60, dim: int = 32, seed: int = 0) -> Dat
         q_emb=np.stack(q).astype(np.float32),
         q_cluster=np.array(qc),
         q_text=[f"q{i}" for i in range(len(q))],
-        c_source=np.arange(n_clusters) % len(SOURCES),
+        c_source=np.arange(n_clusters) % SOURCES.index("sts"),  # the stream's sources (STS-B is training-only)
         c_group=np.arange(n_clusters) // 2,
         c_split=(np.arange(n_clusters) // 2) % 3,
         c_ref=ref,

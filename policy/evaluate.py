@@ -146,3 +146,12 @@ def calibrate_rules(scores: dict[float, dict], deltas=(0.005, 0.01, 0.02, 0.05, 
         ok = [r["tau"] for r in table if r["false_hit_upper95"] <= d]
         out[f"{d:g}"] = min(ok) if ok else 1.01
     return out, table
+
+
+def quantile_thresholds(p_a: np.ndarray, qs) -> list[float]:
+    """Candidate thresholds on P(A): quantiles of the observed P(A), rounded *down* to 4 decimals so that
+    "P(A) >= tau" keeps the decisions at the quantile (rounded to nearest, P(A) = 0.99996 gave tau = 1.0,
+    and a policy that serves everything at w = 1 was calibrated to serve nothing)."""
+    if len(p_a) == 0:
+        return []
+    return sorted({float(np.floor(q * 1e4) / 1e4) for q in np.quantile(p_a, qs)})

@@ -24,8 +24,8 @@ import torch
 from velo_proxy import features as F
 
 from .baselines import NeuralPolicy
-from .data import Dataset
-from .evaluate import evaluate
+from .data import SOURCES, Dataset
+from .evaluate import evaluate, quantile_thresholds
 from .networks import Critic, make_actor
 from .ppo import Rollout, compute_gae, demo_share, immediate_advantage, ppo_policy_loss, value_loss
 from .sim import EdgeSim, SimConfig
@@ -82,16 +82,20 @@ class TrainConfig:
     """Simulator steps of expert demonstrations collected before training (x N decisions)."""
     demo_eps: float = 0.2
     """Share of random actions in the demonstration run (varied cache states; labels stay the expert's)."""
-    neighbour_demos: int = 40000
-    """Expert decisions on labelled semantic hits built from the training split's neighbourhoods
-    (``collect_neighbour_demos``), added to the stream demonstrations."""
+    neighbour_demos: int = 120000
+    """Expert decisions on labelled semantic hits built from the neighbourhoods of the training data
+    (train split and the training-only ``pairs`` split, ``collect_neighbour_demos``), added to the
+    stream demonstrations."""
     demo_pretrain_epochs: int = 3
     """Behaviour-cloning epochs over the demonstrations before the first PPO update."""
-    eval_every: int = 10
+    eval_every: int = 20
     """Validate (``validation_reward``: best serving rule, validation split) every this many updates and
     after the imitation; the best actor is kept."""
     eval_steps: int = 500
-    """Validation steps (two stream seeds, averaged)."""
+    """Validation steps per stream."""
+    eval_streams: int = 6
+    """Validation streams per checkpoint (averaged). With two, the kept checkpoint was a PPO update
+    that only looked better by the streams' noise and served worse than the imitation (docs/policy.md)."""
     seed: int = 0
     """Seed of torch, the sampler and the simulator."""
     threads: int = 1
@@ -300,13 +304,13 @@ def validation_reward(data: Dataset, actor, cfg: TrainConfig, val_cfg: SimConfig
     from .evaluate import collect_calibration
 
     actor.eval()
-    seeds = (4242, 4243)
+    seeds = tuple(range(4242, 4242 + cfg.eval_streams))
     rec = collect_calibration(data, NeuralPolicy(actor, cfg.method), val_cfg, cfg.eval_steps, seed=seeds[0])
     rewards = {None: [rec["metrics"]["reward"]]}  # that run was the argmax rule on the first seed
     for s in seeds[1:]:
         rewards[None].append(evaluate(data, NeuralPolicy(actor, cfg.method), val_cfg, cfg.eval_steps, seed=s)["reward"])
     p_a = rec["p_a"]
-    for t in sorted(set(np.quantile(p_a, (0.9, 0.95, 0.98, 0.99)).round(4).tolist())) if len(p_a) else []:
+    for t in quantile_thresholds(p_a, (0.9, 0.95, 0.98, 0.99)):
         rewards[t] = [evaluate(data, NeuralPolicy(actor, cfg.method, tau=t), val_cfg, cfg.eval_steps, seed=s)["reward"]
                       for s in seeds]
     actor.train()
@@ -363,39 +367,42 @@ def collect_demos(data: Dataset, sim_cfg: SimConfig, steps: int, eps: float) -> 
 
 
 def collect_neighbour_demos(data: Dataset, sim_cfg: SimConfig, decisions: int, *, mate_p: float = 0.3,
-                            group_p: float = 0.3, other_p: float = 0.06, seed: int = 0) -> list[torch.Tensor]:
+                            group_p: float = 0.3, other_entries: float = 600.0, seed: int = 0) -> list[torch.Tensor]:
     """Expert demonstrations on labelled semantic decisions, beyond what a stream happens to cache.
 
-    For a request text of the training split, the "cache" is a random subset of the split's other
-    texts: each cluster mate (a true duplicate) with probability ``mate_p``, each text of the same
-    group (a labelled near miss) with ``group_p``, any other text with ``other_p`` (~ the share of the
-    split a 600-entry cache holds). Its top-P hits make the observation (``features.build_observation``,
+    For a request text of the training split or of the ``pairs`` split (labelled pairs that never enter
+    a stream, ``DataSpec.qqp_pair_rows`` / ``sts_rows``), the "cache" is a random subset of those texts:
+    each cluster mate (a true duplicate) with probability ``mate_p``, each text of the same group (a
+    labelled near miss) with ``group_p``, any other text so that ``other_entries`` are expected (a
+    600-entry cache). Its top-P hits make the observation (``features.build_observation``,
     as in the stream) and the expert labels it from the simulator's own action values
     (``EdgeSim.expected_action_rewards``): the cached answers are LLM answers to the cached questions,
     right exactly when the Eq. 4 entry is in the request's cluster. The entries are unused (use count 0,
     initial cache value, a random age): an entry's history is the stream's to teach — a used entry whose
     value stayed at 0 was served wrongly before, which random histories here would teach the actor to
-    ignore. Requests follow the stream's source weights. Same return format as ``collect_demos``.
+    ignore. Requests follow the stream's source weights; STS-B sentences (translations, like XQuAD)
+    take XQuAD's weight. Same return format as ``collect_demos``.
 
     Why: the stream puts only a few hundred distinct true duplicates into a cache per epoch of
     training, and the hit scorer overfits them (docs/policy.md, "Status"); every labelled pair of the
-    training split is a decision the expert can label."""
+    training data is a decision the expert can label."""
     sim = EdgeSim(data, replace(sim_cfg, split="train", seed=seed))
     sim.reset()
     rng = np.random.default_rng(seed)
-    train_c = data.clusters("train")
+    train_c = np.concatenate([data.clusters("train"), data.clusters("pairs")])
     qs = np.concatenate([data.c_members[c] for c in train_c])
     q_cl = data.q_cluster[qs]
     q_group = data.c_group[q_cl]
     q_src = data.c_source[q_cl]
     U = data.q_emb[qs]
-    w_src = np.asarray(sim_cfg.source_weights, dtype=float)
+    w_src = np.asarray([*sim_cfg.source_weights, sim_cfg.source_weights[SOURCES.index("xquad")]], dtype=float)
     p_req = np.zeros(len(qs))
     for si in np.unique(q_src):
         m = q_src == si
         p_req[m] = w_src[si] / m.sum()
     p_req /= p_req.sum()
     P, N = sim_cfg.top_p, sim.N
+    other_p = min(1.0, other_entries / len(qs))
     keep: list[F.Observation] = []
     labels: list[int] = []
     values: list[np.ndarray] = []

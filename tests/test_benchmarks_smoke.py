@@ -121,3 +121,19 @@ def test_latency_smoke(tmp_path: Path) -> None:
     assert cfg["cases"]["streamed hit TTFB"]["1"]["requests"] == 5
     assert "<!-- latency:begin -->" in doc.read_text()
     assert (tmp_path / "img" / "bench-latency.png").stat().st_size > 1000
+
+
+def test_quality_workloads_leave_out_what_the_policy_was_trained_on():
+    import quality
+    from policy.data import training_texts
+
+    if not (DATA / "pairs" / "qqp-dev.jsonl").is_file():
+        pytest.fail(f"evaluation data missing at {DATA}")
+    trained = training_texts()
+    kw = dict(qqp_pairs=3000, paws_pairs=10, pawsx_pairs=10, xquad_questions=2000, mock_pairs=10)
+    held_out = {w.name: w for w in quality.load_workloads(["qqp", "xquad"], exclude=trained, **kw)}
+    everything = {w.name: w for w in quality.load_workloads(["qqp", "xquad"], **kw)}
+    for name in ("qqp", "xquad"):
+        assert not set(held_out[name].texts) & trained
+        assert set(everything[name].texts) & trained  # without the filter they would overlap
+    assert len(held_out["qqp"].texts) > 4000  # still a full-size workload

@@ -300,6 +300,6 @@ def test_observation_encoding_round_trip():
 def test_default_proxy_runs_the_shipped_policy(make_proxy, embedder_dir, paraphrase):
     proxy = make_proxy(policy="learned", admin_key=ADMIN)
     _, headers = ask(proxy, paraphrase[0])
-    assert headers["x-velo-policy"] == "lrs-default-2"
+    assert headers["x-velo-policy"] == "lrs-default-3"
     ready = httpx.get(f"{proxy.url}/readyz").json()
-    assert ready["checks"]["policy"]["detail"] == "lrs-default-2"
+    assert ready["checks"]["policy"]["detail"] == "lrs-default-3"

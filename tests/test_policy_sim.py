@@ -129,3 +129,14 @@ def test_calibrate_rules_picks_most_serving_safe_tau():
     taus, table = calibrate_rules(scores, deltas=(0.005, 0.02, 0.1))
     assert taus == {"0.005": 0.9, "0.02": 0.5, "0.1": 0.2}
     assert [r["tau"] for r in table] == [0.2, 0.5, 0.9, 1.01] and table[1]["false_hit_upper95"] > 0.01
+
+
+def test_quantile_thresholds_round_down():
+    from policy.evaluate import quantile_thresholds
+
+    # a policy that serves everything (P(A) just under 1) must get a threshold it passes
+    p_a = np.full(50, 0.99996, dtype=np.float32)
+    taus = quantile_thresholds(p_a, (0.5, 0.9))
+    assert taus == [0.9999] and all((p_a >= t).all() for t in taus)
+    assert quantile_thresholds(np.linspace(0, 1, 11), (0.5,)) == [0.5]
+    assert quantile_thresholds(np.zeros(0), (0.5,)) == []

@@ -46,6 +46,30 @@ def test_tiny_dataset_has_splits_by_cluster(tiny):
     assert np.allclose(np.linalg.norm(tiny.q_emb, axis=1), 1.0, atol=1e-4)
 
 
+def test_pairs_split_is_training_only_and_leaves_the_streams_alone(tiny, shared_data):
+    from policy.data import SOURCES, SPLITS, collect_texts
+    from policy.sim import EdgeSim
+
+    pairs = SPLITS.index("pairs")
+    by_split = {s: {tiny.q_text[q] for c in np.flatnonzero(tiny.c_split == i) for q in tiny.c_members[c]}
+                for i, s in enumerate(SPLITS)}
+    assert by_split["pairs"] and not by_split["pairs"] & (by_split["train"] | by_split["val"] | by_split["test"])
+    srcs = {SOURCES[s] for s in tiny.c_source[tiny.c_split == pairs]}
+    assert srcs == {"qqp", "sts"}
+    # STS-B sentences come in the five XQuAD languages: clusters of translations
+    sts = np.flatnonzero((tiny.c_split == pairs) & (tiny.c_source == SOURCES.index("sts")))
+    assert max(len(tiny.c_members[c]) for c in sts) >= 5
+    # with or without the pairs, the stream splits are the same clusters
+    spec = DataSpec.tiny()
+    with_pairs = [c for c in collect_texts(spec)["clusters"] if c["split"] != pairs]
+    without = collect_texts(replace(spec, qqp_pair_rows=0, sts_rows=0))["clusters"]
+    assert with_pairs == without
+    # and no stream draws from them
+    sim = EdgeSim(tiny, SimConfig(split="train", capacity=300))
+    drawn = {int(c) for _, groups, _ in sim._src for g in groups for c in g}
+    assert drawn and all(tiny.c_split[c] == SPLITS.index("train") for c in drawn)
+
+
 def test_smoke_training_beats_random(tiny, trained):
     actor, hist = trained
     # update 0 = the imitation alone, validated before any PPO update (it may be the actor kept)
@@ -64,8 +88,9 @@ def test_neighbour_demos_are_labelled_training_decisions(tiny):
     demos = collect_neighbour_demos(tiny, sim_cfg, 240, seed=3)
     u, v, feats, mask, regret, label = demos
     assert u.shape[0] == 240 and mask[:, 0].eq(1).all()  # every decision has a hit: a semantic decision
-    train_q = {tuple(np.round(tiny.q_emb[q], 5)) for c in tiny.clusters("train") for q in tiny.c_members[c]}
-    for i in range(0, 240, 17):  # request and hits come from the training split only, never the request itself
+    train_c = np.concatenate([tiny.clusters("train"), tiny.clusters("pairs")])
+    train_q = {tuple(np.round(tiny.q_emb[q], 5)) for c in train_c for q in tiny.c_members[c]}
+    for i in range(0, 240, 17):  # request and hits come from the training data only, never the request itself
         assert tuple(np.round(u[i].numpy(), 5)) in train_q
         for j in range(int(mask[i].sum())):
             assert tuple(np.round(v[i, j].numpy(), 5)) in train_q
