@@ -604,14 +604,8 @@ def load_lrs(embedder: Any, delta: float) -> Any | None:
     return LearnedPolicy(path, embedder_id=embedder.id, dim=embedder.dim, max_false_hit_rate=delta)
 
 
-def _training_texts() -> set[str]:
-    """What the shipped policy was trained on (its simulator's training data), left out of the workloads."""
-    from policy.data import training_texts
-
-    return training_texts()
-
-
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from policy.data import training_texts  # what the shipped policy was trained on: left out of the workloads
     from velo_proxy.policy import ThresholdPolicy
 
     t_start = time.time()
@@ -619,7 +613,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     cache = common.EmbeddingCache(embedder)
     workloads = load_workloads(args.workloads, qqp_pairs=args.qqp_pairs, paws_pairs=args.paws_pairs,
                                pawsx_pairs=args.pawsx_pairs, xquad_questions=args.xquad_questions,
-                               mock_pairs=args.mock_pairs, exclude=_training_texts())
+                               mock_pairs=args.mock_pairs, exclude=training_texts())
     embed_workloads(workloads, cache)
     lrs = {d: load_lrs(embedder, d) for d in DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None

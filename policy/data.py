@@ -257,27 +257,8 @@ def collect_texts(spec: DataSpec) -> dict:
     pick_d = [dup[i] for i in rng.choice(len(dup), size=min(spec.qqp_duplicate_pairs, len(dup)), replace=False)]
     pick_n = [non[i] for i in rng.choice(len(non), size=min(spec.qqp_near_miss_pairs, len(non)), replace=False)]
     texts = {t.strip() for r in pick_d + pick_n for t in (r["q1"], r["q2"])}
-    uf = _UF()
-    for t in texts:
-        uf.find(t)
-    for r in dup:  # every labelled duplicate edge among the sampled texts
-        a, b = r["q1"].strip(), r["q2"].strip()
-        if a in texts and b in texts:
-            uf.union(a, b)
-    members: dict[str, list[str]] = {}
-    for t in sorted(texts):
-        members.setdefault(uf.find(t), []).append(t)
-    guf = _UF()  # groups: clusters joined by near-miss edges
-    for c in members:
-        guf.find(c)
-    for r in non:
-        a, b = r["q1"].strip(), r["q2"].strip()
-        if a in texts and b in texts:
-            ca, cb = uf.find(a), uf.find(b)
-            if ca != cb:
-                guf.union(ca, cb)
-    for c, ms in members.items():
-        clusters.append({"source": "qqp", "group": "qqp:" + guf.find(c), "members": ms, "ref": None, "answers": []})
+    for ms, group in _qqp_clusters(texts, dup, non):
+        clusters.append({"source": "qqp", "group": "qqp:" + group, "members": ms, "ref": None, "answers": []})
 
     # XQuAD: one question in five languages.
     xq = _read_jsonl(_require(root / "qa" / "xquad-parallel-dev.jsonl"))
@@ -332,6 +313,28 @@ def collect_texts(spec: DataSpec) -> dict:
     return {"clusters": clusters, "spec": spec}
 
 
+def _qqp_clusters(texts: set[str], dup: list[dict], non: list[dict]) -> list[tuple[list[str], str]]:
+    """(members, group) of the QQP texts: the transitive closure of every labelled duplicate edge among
+    them forms a cluster; clusters joined by a labelled non-duplicate edge (near misses) share a group."""
+    uf, guf = _UF(), _UF()
+    for t in texts:
+        uf.find(t)
+    for r in dup:
+        a, b = r["q1"].strip(), r["q2"].strip()
+        if a in texts and b in texts:
+            uf.union(a, b)
+    members: dict[str, list[str]] = {}
+    for t in sorted(texts):
+        members.setdefault(uf.find(t), []).append(t)
+    for c in members:
+        guf.find(c)
+    for r in non:
+        a, b = r["q1"].strip(), r["q2"].strip()
+        if a in texts and b in texts and uf.find(a) != uf.find(b):
+            guf.union(uf.find(a), uf.find(b))
+    return [(ms, guf.find(c)) for c, ms in members.items()]
+
+
 def training_texts(spec: DataSpec | None = None) -> set[str]:
     """Every text the policy is trained on (the ``train`` and ``pairs`` splits): benchmarks that
     measure a learned policy leave them out of their workloads (``benchmarks/quality.py``)."""
@@ -349,22 +352,8 @@ def _pair_clusters(spec: DataSpec, root: Path, taken: set[str], qqp_rows: list[d
     free = [r for r in qqp_rows if r["q1"].strip() not in taken and r["q2"].strip() not in taken]
     pick = [free[i] for i in sorted(rng.choice(len(free), size=min(spec.qqp_pair_rows, len(free)), replace=False))]
     texts = {t.strip() for r in pick for t in (r["q1"], r["q2"])}
-    uf, guf = _UF(), _UF()
-    for t in sorted(texts):
-        uf.find(t)
-    for r in qqp_dup:
-        a, b = r["q1"].strip(), r["q2"].strip()
-        if a in texts and b in texts:
-            uf.union(a, b)
-    for r in qqp_non:
-        a, b = r["q1"].strip(), r["q2"].strip()
-        if a in texts and b in texts and uf.find(a) != uf.find(b):
-            guf.union(uf.find(a), uf.find(b))
-    members: dict[str, list[str]] = {}
-    for t in sorted(texts):
-        members.setdefault(uf.find(t), []).append(t)
-    for c, ms in members.items():
-        out.append({"source": "qqp", "group": "qqp-pairs:" + guf.find(c), "members": ms, "ref": None, "answers": [],
+    for ms, group in _qqp_clusters(texts, qqp_dup, qqp_non):
+        out.append({"source": "qqp", "group": "qqp-pairs:" + group, "members": ms, "ref": None, "answers": [],
                     "split": split})
 
     if spec.sts_rows > 0:
