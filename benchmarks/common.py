@@ -1,7 +1,8 @@
 """Shared helpers of the quality and latency benchmarks (benchmarks/quality.py, benchmarks/latency.py).
 
-- paths: the repository, the shared evaluation data (``<repo>/../shared/data``, never copied into the
-  repo) and the on-disk embedding cache (``~/.cache/velo-proxy/bench/``, outside the repo);
+- paths: the repository, the evaluation datasets (``require_data()``: the setting ``VELO_DATASETS_DIR`` or a
+  benchmark's ``--data-dir``, default ``<repo>/../shared/data``) and the on-disk embedding cache
+  (``~/.cache/velo-proxy/bench/``, outside the repo);
 - ``EmbeddingCache``: embeddings of benchmark texts keyed by sha256(text) in one SQLite file per
   embedder id, so a rerun embeds nothing it has seen before;
 - ``machine_info()``: what the numbers were measured on (CPU, cores, load, RAM, versions);
@@ -27,16 +28,28 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DATA = REPO.parent / "shared" / "data"
 CACHE_DIR = Path(os.environ.get("VELO_BENCH_CACHE", Path.home() / ".cache" / "velo-proxy" / "bench"))
 DOCS = REPO / "docs"
 IMG = DOCS / "img"
 
 
+def set_data_dir(path: Path | None) -> None:
+    """``--data-dir`` of a benchmark: the same setting as training's (env ``VELO_DATASETS_DIR``)."""
+    from policy.data import DATASETS_ENV
+
+    if path is not None:
+        os.environ[DATASETS_ENV] = str(path)
+
+
 def require_data() -> Path:
-    if not DATA.is_dir():
-        raise SystemExit(f"evaluation data not found at {DATA} (expected ../shared/data next to the repo)")
-    return DATA
+    """The datasets directory (``policy.data.data_dir``: ``--data-dir`` / ``VELO_DATASETS_DIR``, default
+    ``../shared/data``); exits with a message naming the setting when it is missing."""
+    from policy.data import DatasetsMissing, data_dir
+
+    try:
+        return data_dir()
+    except DatasetsMissing as exc:
+        raise SystemExit(f"evaluation data not found: {exc}") from None
 
 
 # ----- embeddings ---------------------------------------------------------------------------------

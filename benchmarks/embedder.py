@@ -10,7 +10,8 @@ For each onnxruntime thread count it prints:
 - async throughput with ``--clients`` concurrent callers, each sending single queries
   (micro-batching at work), with the callers' p50/p99.
 
-Questions come from ``../shared/data/pairs/qqp-dev.jsonl`` when present (else synthetic ones).
+Questions come from ``pairs/qqp-dev.jsonl`` of the datasets directory (``VELO_DATASETS_DIR``, default
+``../shared/data``) when present (else synthetic ones).
 """
 
 from __future__ import annotations
@@ -31,12 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from velo_proxy.embedder import OnnxEmbedder  # noqa: E402
 from velo_proxy.settings import Settings  # noqa: E402
 
-QQP = Path(__file__).resolve().parents[2] / "shared" / "data" / "pairs" / "qqp-dev.jsonl"
+def _qqp() -> Path | None:
+    from policy.data import DatasetsMissing, data_dir
+
+    try:
+        return data_dir() / "pairs" / "qqp-dev.jsonl"
+    except DatasetsMissing:
+        return None
 
 
 def load_questions(n: int) -> list[str]:
     out: list[str] = []
-    if QQP.is_file():
+    QQP = _qqp()
+    if QQP is not None and QQP.is_file():
         with open(QQP, encoding="utf-8") as fh:
             for line in fh:
                 row = json.loads(line)

@@ -1,4 +1,5 @@
-"""The simulator's request data, built from the real datasets in ``../shared/data`` (never copied).
+"""The simulator's request data, built from the real datasets in ``data_dir()`` (``../shared/data`` by default,
+setting ``VELO_DATASETS_DIR``; the tests use the slices in ``tests/data``).
 
 Every request belongs to a *cluster* (one meaning): a QQP duplicate cluster (union of labelled
 duplicate pairs), one XQuAD question in five languages (the paper's five-language expansion), one
@@ -26,7 +27,7 @@ import hashlib
 import json
 import os
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -64,13 +65,36 @@ def answer_identity(text: str, dim: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def data_dir() -> Path:
-    """``../shared/data`` relative to the repository root (override: VELO_SHARED_DATA)."""
-    env = os.environ.get("VELO_SHARED_DATA")
-    if env:
-        return Path(env)
-    repo_root = Path(__file__).resolve().parent.parent
-    return repo_root.parent / "shared" / "data"
+#: The setting naming the datasets directory (laid out like ``../shared/data``: ``pairs/``, ``qa/``, ``sts/``),
+#: read by training, ``python -m policy.reproduce`` (``--data-dir``) and the benchmarks (``--data-dir``).
+DATASETS_ENV = "VELO_DATASETS_DIR"
+
+
+class DatasetsMissing(FileNotFoundError):
+    """The evaluation datasets are not where the setting (or the default) says."""
+
+
+def default_data_dir() -> Path:
+    """``../shared/data`` next to the repository root."""
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def data_dir(path: str | os.PathLike | None = None) -> Path:
+    """The datasets directory: ``path`` if given, else the setting ``VELO_DATASETS_DIR``, else
+    ``../shared/data`` next to the repository when it is there. Raises ``DatasetsMissing`` naming the
+    setting otherwise."""
+    chosen = path or os.environ.get(DATASETS_ENV)
+    if chosen:
+        p = Path(chosen).expanduser()
+        if not p.is_dir():
+            raise DatasetsMissing(f"datasets directory {p} (from {'--data-dir' if path else DATASETS_ENV}) "
+                                  "does not exist")
+        return p
+    default = default_data_dir()
+    if default.is_dir():
+        return default
+    raise DatasetsMissing(f"no datasets directory: set {DATASETS_ENV} (or pass --data-dir) to a directory laid out "
+                          f"like ../shared/data (pairs/, qa/, sts/); the default {default} does not exist")
 
 
 def cache_dir() -> Path:
@@ -238,8 +262,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the simulator needs the shared datasets at ../shared/data "
-                                "(or VELO_SHARED_DATA)")
+        raise DatasetsMissing(f"{path} is missing: the simulator needs the datasets directory laid out like "
+                              f"../shared/data (setting {DATASETS_ENV})")
     return path
 
 
@@ -383,10 +407,63 @@ def _read_sts(path: Path) -> list[tuple[str, str, float]]:
         return [(r[0].strip(), r[1].strip(), float(r[2])) for r in csv.reader(f) if len(r) >= 3]
 
 
-def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool = True) -> Dataset:
-    """Collect texts, embed them (disk-cached) and assemble the arrays."""
+#: The retrain job's simulator texts, shipped in the package: ``collect_texts(retrain_spec())`` (texts, clusters and
+#: splits, no embeddings), so ``velo-proxy retrain`` runs where no datasets directory is (a Kubernetes pod, a bare
+#: install). Written by ``python -m policy.reproduce`` when it ships a policy; policy/snapshot/README.md.
+SNAPSHOT = Path(__file__).resolve().parent / "snapshot" / "retrain-texts.json.gz"
+
+
+def retrain_spec(spec: DataSpec | None = None) -> DataSpec:
+    """The retrain job's data: training's spec without the training-only labelled pairs (they feed the
+    neighbourhood demonstrations, which retraining does not use; ~48k fewer texts to embed)."""
+    return replace(spec or DataSpec(), qqp_pair_rows=0, sts_rows=0)
+
+
+def _spec_json(spec: DataSpec) -> dict:
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def write_snapshot(spec: DataSpec, path: Path = SNAPSHOT) -> Path:
+    """Write ``collect_texts(spec)`` (read from ``data_dir()``) as a deterministic gzipped JSON."""
+    import gzip
+
+    doc = {"data_version": DATA_VERSION, "spec": _spec_json(spec), "clusters": collect_texts(spec)["clusters"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=9) as gz:
+        gz.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return path
+
+
+def read_snapshot(spec: DataSpec, path: Path = SNAPSHOT) -> dict | None:
+    """``collect_texts(spec)`` from a snapshot, or None when there is none for this spec and DATA_VERSION."""
+    import gzip
+
+    if not path.is_file():
+        return None
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        doc = json.load(f)
+    if doc.get("data_version") != DATA_VERSION or doc.get("spec") != _spec_json(spec):
+        return None
+    return {"clusters": doc["clusters"], "spec": spec}
+
+
+def collect_for(spec: DataSpec) -> tuple[dict, str]:
+    """``collect_texts(spec)`` and where it came from: the package's snapshot when it was made for this spec
+    (the same texts, without reading the datasets), else the datasets directory (``data_dir()``, which
+    raises ``DatasetsMissing`` naming the setting when there is none)."""
+    snap = read_snapshot(spec)
+    if snap is not None:
+        return snap, f"package snapshot {SNAPSHOT.parent.name}/{SNAPSHOT.name}"
+    root = data_dir()
+    return collect_texts(spec), f"datasets directory {root}"
+
+
+def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool = True,
+                  collected: dict | None = None) -> Dataset:
+    """Collect texts (or take ``collected``, ``collect_texts``' output), embed them (disk-cached) and
+    assemble the arrays."""
     spec = spec or DataSpec()
-    col = collect_texts(spec)
+    col = collected if collected is not None else collect_texts(spec)
     clusters = col["clusters"]
     q_text = [t for c in clusters for t in c["members"]]
     ref_text = [c["ref"] for c in clusters

@@ -4,6 +4,7 @@ calibrate LRS, evaluate everything on the test split, export the shipped policy,
     python -m policy.reproduce                 # full run (docs/policy-results.md, docs/img/policy-*.png,
                                                #  velo_proxy/policies/lrs-default.{onnx,json,pt})
     python -m policy.reproduce --quick         # minutes: tiny data, few updates, nothing shipped
+    python -m policy.reproduce --data-dir DIR  # datasets elsewhere (env VELO_DATASETS_DIR; default ../shared/data)
 
 Training is per w (w in {0.01, 0.1, 1}); learned policies are trained with N = 3 agents in the nearest
 edge mode and evaluated, unchanged, for N = 2..5 in both modes (the actor is decentralised; only the
@@ -39,9 +40,11 @@ CAL_SEEDS = tuple(range(777, 787))
 
 
 def _dataset(spec, out: Path):
-    from .data import DATA_VERSION, build_dataset
+    from .data import DATA_VERSION, build_dataset, data_dir
 
-    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec)], sort_keys=True).encode()).hexdigest()[:12]
+    # the directory is part of the key: the same spec on tests/data slices is another dataset
+    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), str(data_dir().resolve())],
+                                    sort_keys=True).encode()).hexdigest()[:12]
     path = out / f"dataset-{key}.pkl"
     if path.exists():
         with open(path, "rb") as f:
@@ -144,7 +147,19 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="run directory (default ~/.cache/velo-proxy/sim/runs/...)")
     ap.add_argument("--skip-train", action="store_true", help="reuse checkpoints in --out")
     ap.add_argument("--no-ship", action="store_true", help="do not write velo_proxy/policies or docs")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="datasets directory, laid out like ../shared/data [env VELO_DATASETS_DIR; default ../shared/data]")
     a = ap.parse_args(argv)
+    import os
+
+    from .data import DATASETS_ENV, DatasetsMissing, data_dir
+
+    if a.data_dir is not None:
+        os.environ[DATASETS_ENV] = str(a.data_dir)  # the training processes read it too
+    try:
+        datasets = data_dir()
+    except DatasetsMissing as exc:
+        raise SystemExit(f"policy.reproduce: {exc}") from None
 
     import torch
 
@@ -173,6 +188,7 @@ def main(argv=None) -> None:
         log.flush()
 
     data, data_path = _dataset(spec, out.parent)
+    say(f"datasets directory {datasets}")
     say(f"dataset: {data.q_emb.shape[0]} requests, {len(data.c_members)} clusters, embedder {data.embedder_id}, "
         f"LLM answer distance {data.llm_distance:.3f}")
 
@@ -264,10 +280,13 @@ def main(argv=None) -> None:
                "parity_max_abs_diff": parity_diff, "test_metrics_w0.1_n3_nearest": res01,
                "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()}
     onnx_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, default=float) + "\n")
-    if ship:  # the torch checkpoint next to it: `velo-proxy retrain` fine-tunes from it
+    if ship:  # the torch checkpoint next to it: `velo-proxy retrain` fine-tunes from it, on these texts
         import shutil
 
+        from .data import retrain_spec, write_snapshot
+
         shutil.copyfile(out / "lrs-w0.1.pt", onnx_path.with_suffix(".pt"))
+        say(f"wrote {write_snapshot(retrain_spec(spec))}")
     say(f"exported {onnx_path} ({onnx_path.stat().st_size / 1024:.0f} KiB), parity {parity_diff:.1e}")
 
     total = time.time() - t_start + (t_train if a.skip_train else 0.0)

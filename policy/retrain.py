@@ -4,6 +4,10 @@
 
 Reads top to bottom:
 
+0. check every input before reading anything (``preflight``): Redis answers, the policy directory is
+   writable, the checkpoint to start from, the embedder's files, the simulator's texts (the snapshot the
+   package carries, ``policy/snapshot``, so no datasets directory is needed) and a writable cache; a
+   misconfigured job fails at once, naming the setting, instead of the day the first decisions arrive;
 1. read the experience streams of every edge agent (``velo:experience:*``; centralised training) and
    join each decision with the rewards that arrived for it (shadow checks, feedback);
 2. start from the current policy's weights (the published version's ``.pt``, else the shipped one);
@@ -42,7 +46,7 @@ from velo_proxy.experience import decode_observation, read_all_streams
 from velo_proxy.policy import PolicyDirectory, default_policy_path
 
 from .baselines import GreedyLLM, NeuralPolicy
-from .data import DataSpec
+from .data import DataSpec, retrain_spec
 from .evaluate import calibrate, collect_calibration, evaluate
 from .export import export_onnx, parity
 from .sim import SimConfig
@@ -178,21 +182,77 @@ def current_checkpoint(directory: PolicyDirectory) -> tuple[Path, str]:
     return shipped, "lrs-default"
 
 
+class RetrainInputError(RuntimeError):
+    """Something the run reads is missing or unusable; the message names the setting."""
+
+
+def preflight(cfg: RetrainConfig) -> dict:
+    """Check every file, directory and service the run reads or writes, before it reads anything.
+    Returns what was found; raises ``RetrainInputError`` naming the setting otherwise."""
+    import redis
+
+    from velo_proxy.settings import Settings
+
+    from .data import DatasetsMissing, cache_dir, collect_for
+
+    inputs: dict = {}
+    try:
+        redis.Redis.from_url(cfg.redis_url, socket_timeout=10, socket_connect_timeout=10).ping()
+    except Exception as exc:  # noqa: BLE001
+        raise RetrainInputError(f"Redis at --redis-url / VELO_REDIS_URL does not answer: {exc}") from exc
+    inputs["redis"] = "ok"
+    root = Path(cfg.policy_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".preflight-"):
+            pass
+    except OSError as exc:
+        raise RetrainInputError(f"policy directory {root} (--policy-dir / VELO_POLICY_DIR) is not writable: {exc}") from exc
+    inputs["policy_dir"] = str(root)
+    checkpoint, version = current_checkpoint(PolicyDirectory(root))
+    if not checkpoint.is_file():
+        raise RetrainInputError(f"no checkpoint to start from: {checkpoint} is missing (the package's default policy)")
+    inputs["checkpoint"] = {"path": str(checkpoint), "version": version}
+    embedder_dir = Settings().embedder_dir
+    missing = [name for name in ("model.onnx", "tokenizer.json") if not (embedder_dir / name).is_file()]
+    if missing:
+        raise RetrainInputError(f"embedder {embedder_dir} (VELO_EMBEDDER_DIR) lacks {', '.join(missing)}: run "
+                                "`velo-proxy models export`, or use the image's train target, which carries it")
+    inputs["embedder_dir"] = str(embedder_dir)
+    try:
+        collected, source = collect_for(retrain_spec(cfg.data_spec))
+    except DatasetsMissing as exc:
+        raise RetrainInputError(f"simulator data: {exc}") from exc
+    inputs["simulator_data"] = {"source": source, "clusters": len(collected["clusters"])}
+    try:
+        cache = cache_dir()
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=".preflight-"):
+            pass
+    except OSError as exc:
+        raise RetrainInputError(f"simulator cache (VELO_SIM_CACHE, default $HOME/.cache/velo-proxy/sim) is not "
+                                f"writable: {exc}") from exc
+    inputs["cache_dir"] = str(cache)
+    return inputs
+
+
 def load_data(spec: DataSpec):
-    from .data import DATA_VERSION, build_dataset, cache_dir
+    """The simulator dataset of ``spec`` (texts from ``collect_for``: the package's snapshot, else the
+    datasets directory), embedded and pickled under the simulator cache; and where its texts came from."""
+    from .data import DATA_VERSION, build_dataset, cache_dir, collect_for
 
     import hashlib
 
-    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec)], sort_keys=True).encode()).hexdigest()[:12]
+    collected, source = collect_for(spec)
+    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), source], sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / "runs" / f"dataset-{key}.pkl"
     if path.exists():
         with open(path, "rb") as handle:
-            return pickle.load(handle)
-    data = build_dataset(spec, progress=False)
+            return pickle.load(handle), source
+    data = build_dataset(spec, progress=False, collected=collected)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         pickle.dump(data, handle)
-    return data
+    return data, source
 
 
 def run(cfg: RetrainConfig) -> dict:
@@ -201,6 +261,9 @@ def run(cfg: RetrainConfig) -> dict:
     t0 = time.time()
     directory = PolicyDirectory(cfg.policy_dir)
     report: dict = {"published": False}
+
+    # 0. every input, before anything is read
+    report["inputs"] = preflight(cfg)
 
     # 1. experience of all agents
     decisions = read_experience(cfg.redis_url)
@@ -215,7 +278,7 @@ def run(cfg: RetrainConfig) -> dict:
     candidate, _ = load_actor(checkpoint)
     # The training-only labelled pairs feed neighbourhood demonstrations, which retraining does not use:
     # without them the streams are the same and ~48k fewer texts are embedded on a fresh node.
-    data = load_data(replace(cfg.data_spec, qqp_pair_rows=0, sts_rows=0))
+    data, report["simulator_data"] = load_data(retrain_spec(cfg.data_spec))
     sim_cfg = SimConfig()
     sim_cfg = replace(sim_cfg, qos=replace(sim_cfg.qos, w=cfg.w), seed=cfg.seed)
     qos = sim_cfg.qos
@@ -304,17 +367,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-steps", type=int, default=RetrainConfig.demo_steps)
     parser.add_argument("--min-decisions", type=int, default=RetrainConfig.min_decisions)
     parser.add_argument("--max-false-hit-rate", type=float, default=settings.max_false_hit_rate)
-    parser.add_argument("--data-spec", default=None, help="JSON of policy.data.DataSpec fields (default: training's)")
+    parser.add_argument("--data-spec", default=None, help="JSON of policy.data.DataSpec fields (default: training's, "
+                        "whose texts the package carries; any other spec reads the datasets directory)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="datasets directory for a non-default --data-spec [env VELO_DATASETS_DIR; default "
+                        "../shared/data]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.redis_url or args.policy_dir is None:
         parser.error("--redis-url and --policy-dir (or VELO_REDIS_URL and VELO_POLICY_DIR) are required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.data_dir is not None:
+        import os
+
+        from .data import DATASETS_ENV
+
+        os.environ[DATASETS_ENV] = str(args.data_dir)
     spec = DataSpec(**json.loads(args.data_spec)) if args.data_spec else DataSpec()
-    report = run(RetrainConfig(redis_url=args.redis_url, policy_dir=args.policy_dir, w=args.w, epochs=args.epochs,
-                               eval_steps=args.eval_steps, demo_steps=args.demo_steps,
-                               min_decisions=args.min_decisions, max_false_hit_rate=args.max_false_hit_rate,
-                               data_spec=spec, seed=args.seed))
+    try:
+        report = run(RetrainConfig(redis_url=args.redis_url, policy_dir=args.policy_dir, w=args.w, epochs=args.epochs,
+                                   eval_steps=args.eval_steps, demo_steps=args.demo_steps,
+                                   min_decisions=args.min_decisions, max_false_hit_rate=args.max_false_hit_rate,
+                                   data_spec=spec, seed=args.seed))
+    except RetrainInputError as exc:
+        log.error("%s", exc)
+        print(json.dumps({"published": False, "reason": str(exc)}, indent=2))
+        return 1
     print(json.dumps(report, indent=2, default=str))
     return 0
 

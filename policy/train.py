@@ -454,9 +454,21 @@ def main(argv=None) -> None:
     ap.add_argument("--w", type=float, default=0.1)
     ap.add_argument("--tiny", action="store_true", help="tiny dataset (tests)")
     ap.add_argument("--out", type=Path, default=Path("runs"))
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="datasets directory, laid out like ../shared/data [env VELO_DATASETS_DIR; default ../shared/data]")
     args = ap.parse_args(argv)
-    from .data import DataSpec, build_dataset
+    from .data import DataSpec, DatasetsMissing, build_dataset, data_dir
 
+    try:
+        data_dir(args.data_dir)
+    except DatasetsMissing as exc:
+        raise SystemExit(f"policy.train: {exc}") from None
+    if args.data_dir is not None:
+        import os
+
+        from .data import DATASETS_ENV
+
+        os.environ[DATASETS_ENV] = str(args.data_dir)
     data = build_dataset(DataSpec.tiny() if args.tiny else DataSpec())
     kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "sim"}
     sim = SimConfig()

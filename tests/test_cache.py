@@ -42,8 +42,8 @@ def cache_proxy(make_proxy, embedder_dir):
 
 
 @pytest.fixture(scope="module")
-def paraphrase(shared_data):
-    pairs = json.loads((shared_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())
+def paraphrase(test_data):
+    pairs = json.loads((test_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())
     return pairs[0]["origin"], pairs[0]["similar"]  # cosine 0.97 with MiniLM
 
 

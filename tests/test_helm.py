@@ -137,21 +137,29 @@ def test_every_manifest_validates_strict(mode: str) -> None:
 
 
 def test_schema_rejects_bad_values() -> None:
-    for bad in ("mode=statefulset", "qdrant.mode=cloud", "unknownKey=1", "config.maxFalseHitRate=2"):
+    for bad in ("mode=statefulset", "qdrant.mode=cloud", "unknownKey=1", "config.maxFalseHitRate=2",
+                "config.maxFalseHitRate=1.5", "config.shadowRate=1.5", "policy.name=lrs", "retrain.enabled=yes"):
         proc = subprocess.run(
             [_helm(), "template", RELEASE, str(CHART), "--set", bad], capture_output=True, text=True, timeout=60
         )
         assert proc.returncode != 0, bad
-    proc = subprocess.run(
-        [_helm(), "template", RELEASE, str(CHART), "--set", "redis.mode=none"], capture_output=True, text=True
-    )
-    assert proc.returncode != 0 and "retrain.enabled needs Redis" in proc.stderr
+    # the learning loop needs Redis and the learned policy (the only one that logs its decisions)
+    for sets, message in ((["redis.mode=none", "policy.name=learned"], "retrain.enabled needs Redis"),
+                          (["policy.name=verified"], "retrain.enabled needs policy.name=learned"),
+                          (["policy.name=threshold"], "retrain.enabled needs policy.name=learned")):
+        args = [a for s in ("retrain.enabled=true", *sets) for a in ("--set", s)]
+        proc = subprocess.run([_helm(), "template", RELEASE, str(CHART), *args], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr, sets
+    for name in ("verified", "threshold", "learned"):  # every policy renders without the loop, with or without Redis
+        for redis_mode in ("internal", "none"):
+            assert configmap(render("default", f"policy.name={name}", f"redis.mode={redis_mode}"))["VELO_POLICY"] == name
 
 
 # --- topology ------------------------------------------------------------------------------------------
 
 
-def test_default_is_edge_daemonset_with_sidecar_redis_and_retrain() -> None:
+def test_default_is_edge_daemonset_with_sidecar_redis_and_no_learning_loop() -> None:
     docs = render()
     by = kinds(docs)
     assert "DaemonSet" in by and "Deployment" not in by
@@ -159,8 +167,12 @@ def test_default_is_edge_daemonset_with_sidecar_redis_and_retrain() -> None:
     ds = proxy_workload(docs)
     assert [c["name"] for c in pod_spec(ds)["containers"]] == ["proxy", "qdrant"]
     assert {s["metadata"]["name"] for s in by["StatefulSet"]} == {f"{RELEASE}-velo-proxy-redis"}
-    assert "CronJob" in by
     assert env_of(container(ds, "proxy"))["VELO_AGENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # The default policy logs no experience: no retrain CronJob, no policy volume, the image's policy.
+    cm = configmap(docs)
+    assert cm["VELO_POLICY"] == "verified" and "VELO_POLICY_DIR" not in cm
+    assert "CronJob" not in by and "PersistentVolumeClaim" not in by
+    assert "policy" not in {v["name"] for v in pod_spec(ds)["volumes"]}
 
 
 def test_daemonset_sidecar_mode() -> None:
@@ -240,7 +252,8 @@ def test_ephemeral_sidecar_storage() -> None:
 
 
 def test_retrain_cronjob_shares_policy_volume_with_proxies() -> None:
-    docs = render()
+    docs = render("default", "policy.name=learned", "retrain.enabled=true")
+    assert configmap(docs)["VELO_POLICY"] == "learned"
     cron = one(docs, "CronJob")
     retrain = container(cron, "retrain")
     assert retrain["command"] == ["velo-proxy"] and retrain["args"] == ["retrain"]
@@ -272,6 +285,170 @@ def test_retrain_off() -> None:
     dep = one(docs, "Deployment")
     assert "policy" not in {v["name"] for v in pod_spec(dep)["volumes"]}
     assert cm["VELO_QDRANT_URL"] == "http://127.0.0.1:6333"
+
+
+# --- the retrain CronJob as rendered, run here with exactly what its pod gets -----------------------------
+
+LOOP = ("policy.name=learned", "retrain.enabled=true")
+
+
+def _image_stages(target: str) -> list:
+    """The Dockerfile stages an image target is built from, base first."""
+    from tests.test_dockerfile import DOCKERFILE, parse
+
+    stages = {s.name: s for s in parse(DOCKERFILE.read_text())}
+    chain, name = [], target
+    while name in stages:
+        chain.insert(0, stages[name])
+        name = stages[name].base.lower()
+    assert chain, f"no stage {target}"
+    return chain
+
+
+def _image_env(target: str) -> dict[str, str]:
+    import shlex
+
+    env: dict[str, str] = {}
+    for stage in _image_stages(target):
+        for arg in stage.args("ENV"):
+            for token in shlex.split(arg):
+                key, _, value = token.partition("=")
+                env[key] = value
+    return env
+
+
+def _pod_env(docs: list[dict], c: dict, image_env: dict[str, str]) -> dict[str, str]:
+    """The container's environment: the image's ENV, then envFrom ConfigMaps, then env (Secrets resolved)."""
+    env = dict(image_env)
+    maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "Secret"}
+    for source in c.get("envFrom", []):
+        env.update(maps[source["configMapRef"]["name"]])
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+            continue
+        ref = e["valueFrom"]["secretKeyRef"]
+        value = secrets.get(ref["name"], {}).get(ref["key"])
+        if value is not None:
+            env[e["name"]] = base64.b64decode(value).decode()
+        else:
+            assert ref.get("optional"), f"{e['name']}: Secret {ref['name']}/{ref['key']} is not rendered"
+    return env
+
+
+def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, *, drop: tuple[str, ...] = ()):
+    """Render the learning loop, then run the CronJob's container command here with its pod's environment.
+    Paths are mapped: each volumeMount to a local directory, the image's embedder to the exported one (after
+    checking the train image carries it); every other absolute path in the environment points into a local
+    stand-in of the read-only root filesystem, which must stay empty."""
+    import json
+    import os
+    import sys
+    from urllib.parse import urlsplit
+
+    docs = render("default", *LOOP)
+    cron = one(docs, "CronJob")
+    c = container(cron, "retrain")
+    assert pod_spec(cron)["restartPolicy"] == "Never" and c["securityContext"]["readOnlyRootFilesystem"] is True
+    image_env = _image_env("train")
+    # the image carries the embedder its ENV names: the train target copies the exporter's models
+    models = [a for s in _image_stages("train") for a in s.args("COPY") if "--from=exporter" in a]
+    assert any(image_env["VELO_EMBEDDER_DIR"].startswith(a.split()[-1].rstrip("/") + "/") for a in models), models
+    env = {k: v for k, v in _pod_env(docs, c, image_env).items() if k not in drop}
+
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    mapping = {image_env["VELO_EMBEDDER_DIR"]: embedder_dir}
+    for m in c["volumeMounts"]:
+        mapping[m["mountPath"]] = tmp_path / "volumes" / m["name"]
+        mapping[m["mountPath"]].mkdir(parents=True)
+    for key, value in env.items():
+        if not value.startswith("/") or key in ("PATH", "VIRTUAL_ENV"):
+            continue
+        for pod_path, local in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
+            if value == pod_path or value.startswith(pod_path.rstrip("/") + "/"):
+                env[key] = str(local) + value[len(pod_path):]
+                break
+        else:
+            env[key] = str(rootfs) + value
+    # the in-chart Redis Service, reached here on the test's redis-server
+    redis_svc = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-redis")][0]
+    pod_url = urlsplit(env["VELO_REDIS_URL"])
+    assert pod_url.hostname == f"{redis_svc['metadata']['name']}.{NAMESPACE}.svc"
+    assert pod_url.port in {p["port"] for p in redis_svc["spec"]["ports"]}
+    env["VELO_REDIS_URL"] = redis_url
+    # this interpreter's environment stands in for the image's venv
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env.pop("VIRTUAL_ENV", None)
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    workdir = tmp_path / "workdir"  # the image's WORKDIR, in a directory with nothing next to it
+    workdir.mkdir()
+    executable = Path(sys.executable).parent / c["command"][0]
+    assert executable.is_file(), f"{c['command'][0]} is not installed next to {sys.executable}"
+    done = subprocess.run([str(executable), *c["command"][1:], *c["args"]], env=env, cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    report = json.loads(done.stdout[done.stdout.index("{"):]) if "{" in done.stdout else {}
+    assert not any(rootfs.rglob("*")), f"the job wrote outside its volumes: {list(rootfs.rglob('*'))}"
+    return done, report, mapping, c
+
+
+def test_retrain_cronjob_gets_every_file_and_variable_it_reads(tmp_path: Path, redis_server, embedder_dir) -> None:
+    """`velo-proxy retrain` checks every input before it reads the experience (policy.retrain.preflight): Redis,
+    the policy directory, the checkpoint, the embedder, the simulator's texts, its cache. Run with the pod's
+    environment and an empty Redis, it finds them all and stops at "no logged decisions yet" (exit 0)."""
+    done, report, mapping, c = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert report["published"] is False and report["decisions"] == 0 and "logged decisions" in report["reason"]
+    inputs = report["inputs"]
+    mounts = {m["name"]: mapping[m["mountPath"]] for m in c["volumeMounts"]}
+    assert inputs["redis"] == "ok"
+    assert inputs["policy_dir"] == str(mounts["policy"])
+    assert inputs["embedder_dir"] == str(embedder_dir)
+    assert inputs["checkpoint"]["version"] == "lrs-default" and Path(inputs["checkpoint"]["path"]).is_file()
+    # no datasets directory in the pod: the simulator's texts are the package's snapshot
+    assert inputs["simulator_data"]["source"].startswith("package snapshot") and inputs["simulator_data"]["clusters"] > 1000
+    assert Path(inputs["cache_dir"]).is_relative_to(mounts["tmp"])  # $HOME=/tmp, the writable emptyDir
+
+
+def test_retrain_cronjob_fails_fast_on_a_missing_input(tmp_path: Path, redis_server, embedder_dir) -> None:
+    """The same pod on an image without the embedder: the job fails at once, naming the setting."""
+    done, report, _, _ = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, drop=("VELO_EMBEDDER_DIR",))
+    assert done.returncode == 1
+    assert report["published"] is False and "VELO_EMBEDDER_DIR" in report["reason"]
+
+
+def test_retrain_data_is_package_data() -> None:
+    """The snapshot the job reads is installed with the package (pyproject package-data) and in the image's
+    build context (.dockerignore), and it is the one the default retrain spec asks for."""
+    import fnmatch
+    import tomllib
+
+    from policy.data import SNAPSHOT, read_snapshot, retrain_spec
+
+    assert read_snapshot(retrain_spec()) is not None, "policy/snapshot is stale: rerun write_snapshot (README there)"
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["policy"]
+    rel = SNAPSHOT.relative_to(ROOT / "policy").as_posix()
+    assert any(fnmatch.fnmatch(rel, g) for g in globs), globs
+    assert "!policy/" in (ROOT / ".dockerignore").read_text().split()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_configmap_is_valid_proxy_settings(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every VELO_ variable the chart sets is a proxy setting, and the proxy accepts its value."""
+    from velo_proxy.settings import Settings
+
+    cm = configmap(render(mode))
+    for key in [k for k in __import__("os").environ if k.startswith("VELO_")]:
+        monkeypatch.delenv(key)
+    for key, value in cm.items():
+        if key.startswith("VELO_"):
+            assert key[len("VELO_"):].lower() in Settings.model_fields, f"{key} is not a setting"
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.policy == cm["VELO_POLICY"]
+    assert settings.max_false_hit_rate == float(cm["VELO_MAX_FALSE_HIT_RATE"])
 
 
 # --- config, secrets ----------------------------------------------------------------------------------

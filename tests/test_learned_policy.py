@@ -24,8 +24,8 @@ EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="module")
-def paraphrase(shared_data):
-    pairs = json.loads((shared_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())
+def paraphrase(test_data):
+    pairs = json.loads((test_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())
     return pairs[0]["origin"], pairs[0]["similar"]
 
 

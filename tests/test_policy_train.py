@@ -1,7 +1,8 @@
 """Smoke training on a tiny real subset (a few hundred texts, real embedder) and ONNX export parity.
 
-Needs ../shared/data and the exported embedder (`velo-proxy models export`); embeddings of the tiny
-subset are cached under ~/.cache/velo-proxy/sim after the first run (~30 s on 2 cores)."""
+Needs the dataset slices in tests/data (DataSpec.tiny() reads them there) and the exported embedder
+(`velo-proxy models export`); embeddings of the tiny subset are cached under ~/.cache/velo-proxy/sim after
+the first run (~30 s on 2 cores)."""
 
 import json
 from dataclasses import replace
@@ -22,7 +23,7 @@ from velo_proxy import features as F  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(shared_data, embedder_dir):
+def tiny(test_data, embedder_dir):
     from velo_proxy.embedder import OnnxEmbedder
 
     return build_dataset(DataSpec.tiny(), OnnxEmbedder(embedder_dir, threads=2), progress=False)
@@ -46,7 +47,7 @@ def test_tiny_dataset_has_splits_by_cluster(tiny):
     assert np.allclose(np.linalg.norm(tiny.q_emb, axis=1), 1.0, atol=1e-4)
 
 
-def test_pairs_split_is_training_only_and_leaves_the_streams_alone(tiny, shared_data):
+def test_pairs_split_is_training_only_and_leaves_the_streams_alone(tiny, test_data):
     from policy.data import SOURCES, SPLITS, collect_texts
     from policy.sim import EdgeSim
 

@@ -45,9 +45,9 @@ def untrained_policy_dir(tmp_path):
     return directory
 
 
-def test_experience_to_retrain_to_hot_reload(make_proxy, embedder_dir, redis_server, shared_data,
+def test_experience_to_retrain_to_hot_reload(make_proxy, embedder_dir, redis_server, test_data,
                                              untrained_policy_dir):
-    pairs = json.loads((shared_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:24]
+    pairs = json.loads((test_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:24]
     proxy = make_proxy(policy="learned", policy_dir=untrained_policy_dir.root, policy_reload_s=0.2,
                        redis_url=redis_server.url, agent_id="edge-a", admin_key=ADMIN, shadow_rate=1.0,
                        exploration_rate=0.3)

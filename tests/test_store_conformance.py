@@ -239,6 +239,25 @@ def test_evict_below_mean_with_grace(store, rng):
     assert store.get(entries[4].id) is None and len(store) == 2
 
 
+def test_evict_below_mean_is_per_scope(store, rng):
+    """One scope's high values never set another scope's bar (issue 13: a tenant that raised its own
+    entries' values pushed every other tenant's entries below the global mean)."""
+    old = T0 - 2 * HOUR
+    rich = [make("rich", v, i, cache_value=0.9, created_at=old) for i, v in enumerate(unit(rng, 3))]
+    poor = [make("poor", v, 10 + i, cache_value=val, created_at=old)
+            for i, (v, val) in enumerate(zip(unit(rng, 3), (0.0, 0.0, 0.0)))]
+    mixed = [make("mixed", v, 20 + i, cache_value=val, created_at=old)
+             for i, (v, val) in enumerate(zip(unit(rng, 3), (0.6, 0.3, 0.0)))]  # mean 0.3
+    store.add(rich + poor + mixed)
+    report = store.evict(now=T0, below_mean=True, grace_s=HOUR)
+    # Across all scopes the mean is 0.4: everything in "poor" and two of "mixed" would go. Per scope,
+    # "rich" and "poor" are uniform (nothing below their own mean) and only mixed's 0.0 goes.
+    assert report.below_mean == 1
+    assert store.get(mixed[2].id) is None
+    assert all(store.get(e.id) is not None for e in rich + poor + mixed[:2])
+    assert store.stats()["scopes"] == {"rich": 3, "poor": 3, "mixed": 2}
+
+
 def test_len(store, rng):
     assert len(store) == 0
     store.add([make("a", v, i) for i, v in enumerate(unit(rng, 5))])

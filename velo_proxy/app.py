@@ -3,6 +3,7 @@ store, Redis) are created in the lifespan and closed there; nothing lives at mod
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -21,7 +22,8 @@ from velo_proxy.engine import ChatEngine
 from velo_proxy.errors import ProxyError, install_error_handlers, validation_error
 from velo_proxy.metrics import Metrics
 from velo_proxy.middleware import RequestIdMiddleware
-from velo_proxy.protocol import ChatCompletionRequest, Feedback, ModelCard, ModelList
+from velo_proxy.protocol import (MAX_JSON_DEPTH, ChatCompletionRequest, Feedback, ModelCard, ModelList,
+                                 check_chat, check_json)
 from velo_proxy.services import Services
 from velo_proxy.settings import Settings
 
@@ -76,23 +78,35 @@ class Authenticator:
             raise ProxyError(401, "Invalid admin key.", code="invalid_admin_key")
 
 
-async def read_json_body(request: Request, *, limit: int) -> dict[str, Any]:
-    """The request body as a JSON object, refusing oversized bodies before reading them whole."""
+async def read_json_body(request: Request, *, limit: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    """The request body as a JSON object, refusing oversized bodies before reading them whole and
+    bodies that do not arrive within ``timeout_s`` (a Content-Length longer than what is sent)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ProxyError(413, f"Request body too large ({declared} bytes; limit {limit}).", code="body_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ProxyError(413, f"Request body too large (limit {limit} bytes).", code="body_too_large")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ProxyError(413, f"Request body too large (limit {limit} bytes).", code="body_too_large")
+    except TimeoutError:
+        # the rest of the body may still arrive: this connection's framing is lost, so close it
+        raise ProxyError(408, f"The request body did not arrive within {timeout_s:g} s "
+                         f"(received {len(body)} of {declared or 'unknown'} bytes).", code="body_timeout",
+                         headers={"connection": "close"}) from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ProxyError(400, "We could not parse the JSON body of your request: it is not valid JSON.",
                          code="invalid_json") from None
+    except RecursionError:
+        raise ProxyError(400, f"The JSON body is nested deeper than {MAX_JSON_DEPTH} levels.",
+                         code="nesting_too_deep") from None
     if not isinstance(data, dict):
         raise ProxyError(400, "The request body must be a JSON object.", code="invalid_json")
+    check_json(data)
     return data
 
 
@@ -123,22 +137,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/chat/completions", include_in_schema=False)
     async def chat_completions(request: Request) -> Response:
         caller = app.state.auth.caller(request)
-        payload = await read_json_body(request, limit=settings.max_body_bytes)
+        payload = await read_json_body(request, limit=settings.max_body_bytes,
+                                       timeout_s=settings.body_read_timeout_s)
         try:
             chat = ChatCompletionRequest.model_validate(payload)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        check_chat(chat)
         return await app.state.engine.handle(chat, payload, caller=caller, request=request)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> JSONResponse:
-        app.state.auth.caller(request)
-        payload = await read_json_body(request, limit=settings.max_body_bytes)
+        caller = app.state.auth.caller(request)  # feedback only on this tenant's own responses
+        payload = await read_json_body(request, limit=settings.max_body_bytes,
+                                       timeout_s=settings.body_read_timeout_s)
         try:
             body = Feedback.model_validate(payload)
         except ValidationError as exc:
             raise validation_error(exc) from None
-        return JSONResponse(await app.state.engine.feedback(body.id, body.score))
+        return JSONResponse(await app.state.engine.feedback(body.id, body.score, tenant=caller.tenant))
 
     @app.get("/v1/models")
     @app.get("/models", include_in_schema=False)

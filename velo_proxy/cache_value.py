@@ -29,13 +29,23 @@ def update_cache_value(value: float, use_count: int, outcome: float, *, rate: fl
     return (1.0 - rate) * float(value) + rate * outcome, int(use_count) + 1
 
 
-def below_mean_mask(values: np.ndarray, ages_s: np.ndarray, *, grace_s: float) -> np.ndarray:
-    """Entries to drop under the xi rule: older than ``grace_s`` and valued below the mean of all entries.
+def below_mean_mask(values: np.ndarray, ages_s: np.ndarray, *, grace_s: float,
+                    groups: np.ndarray | None = None) -> np.ndarray:
+    """Entries to drop under the xi rule: older than ``grace_s`` and valued below the mean.
 
-    Entries within the grace period are never dropped but do count toward the mean.
+    With ``groups`` (one label per entry: the stores pass the scope), the mean is taken within each
+    group, so one scope's values never move another scope's bar: a tenant that raises its own entries'
+    values cannot push another tenant's entries below the mean. Without it, the mean of all entries
+    (the simulator: one agent's cache). Entries within the grace period are never dropped but do count
+    toward the mean.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return np.zeros(0, dtype=bool)
-    mean = float(values.mean())
-    return (np.asarray(ages_s) > grace_s) & (values < mean - 1e-12)
+    if groups is None:
+        means = np.full(values.shape, float(values.mean()))
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        inverse = inverse.reshape(-1)
+        means = (np.bincount(inverse, weights=values) / np.bincount(inverse))[inverse]
+    return (np.asarray(ages_s) > grace_s) & (values < means - 1e-12)

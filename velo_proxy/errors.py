@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("velo_proxy")
 
@@ -20,6 +21,7 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -71,6 +73,47 @@ def validation_error(exc: Any) -> ProxyError:
     return ProxyError(400, f"Invalid value for '{param}': {msg}{more}", param=param, code="invalid_value")
 
 
+class EnvelopeMiddleware:
+    """The last line of defence: an exception no handler answered becomes a 500 in the envelope and
+    the connection stays usable. (Starlette's own catch-all answers too, but then re-raises, and
+    uvicorn drops the connection without ``Connection: close``: the client's next request on its
+    pooled connection fails.) Once the headers are out, the body is ended cleanly instead, with an
+    error event first for a stream."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"started": False, "ended": False, "sse": False}
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["sse"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                   for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - answered below, never re-raised
+            log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+            app = scope.get("app")
+            metrics = getattr(getattr(app, "state", None), "metrics", None)
+            if metrics is not None:
+                metrics.errors.labels("500").inc()
+            error = ProxyError(500, "Internal proxy error.", type="server_error")
+            if not state["started"]:
+                await error.response()(scope, receive, send)
+            elif not state["ended"]:
+                body = error_event(error) if state["sse"] else b""
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     def _count(request: Request, status: int) -> None:
         metrics = getattr(request.app.state, "metrics", None)
@@ -96,6 +139,9 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = "Method not allowed for this endpoint."
         return ProxyError(exc.status_code, message).response()
+
+    # innermost of the middlewares added after this call (e.g. the request id still gets added)
+    app.add_middleware(EnvelopeMiddleware)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

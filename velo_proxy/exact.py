@@ -13,6 +13,11 @@ from typing import Any
 PREFIX = "velo:exact:"
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (SCAN MATCH, KEYS)."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
 class ExactTier(abc.ABC):
     name: str
 
@@ -95,9 +100,17 @@ class RedisExactTier(ExactTier):
         await self.client.delete(f"{PREFIX}{scope}:{key}")
 
     async def purge_scope(self, scope: str) -> int:
+        """Delete the copies of exactly ``scope``: the scope id is matched literally (glob characters
+        escaped), and a key of a longer scope that merely starts with ``<scope>:`` is left alone."""
+        prefix = f"{PREFIX}{scope}:"
+        doomed = []
+        async for found in self.client.scan_iter(match=f"{_glob_escape(prefix)}*", count=500):
+            name = found.decode() if isinstance(found, bytes) else found
+            if name.startswith(prefix) and ":" not in name[len(prefix):]:  # exact keys are hex digests
+                doomed.append(name)
         removed = 0
-        async for batch_key in self.client.scan_iter(match=f"{PREFIX}{scope}:*", count=500):
-            removed += await self.client.delete(batch_key)
+        for i in range(0, len(doomed), 500):
+            removed += int(await self.client.delete(*doomed[i:i + 500]))
         return removed
 
     async def ping(self) -> bool:

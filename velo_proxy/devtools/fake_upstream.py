@@ -9,6 +9,10 @@ Behaviour is chosen by the model name:
     fake-drop             streams two chunks, then breaks the connection
     fake-tools            answers with a tool call
     fake-length           answers with finish_reason "length"
+    fake-no-finish        never says it finished: finish_reason null (streams: no finish chunk), [DONE] sent
+    fake-finish-absent    leaves the finish_reason key out of every choice, [DONE] sent
+    fake-no-done          finish_reason "stop", but the stream ends without [DONE]
+    fake-truncated        no finish_reason and (streams) no [DONE]: the body just ends cleanly
     fake-random           answers with an unrelated sentence (a cached answer that a fresh one contradicts)
     anything else         answers normally, after the server's base latency
 
@@ -41,7 +45,7 @@ def _last_user_text(body: dict[str, Any]) -> str:
         if message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+                return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
             return str(content)
     return ""
 
@@ -93,7 +97,11 @@ def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None,
         text = f"[{n}] Answer to: {_last_user_text(body)}"
         if model == "fake-random":
             text = _UNRELATED[n % len(_UNRELATED)]
-        finish = "length" if model == "fake-length" else "stop"
+        finish: str | None = "length" if model == "fake-length" else "stop"
+        if model in ("fake-no-finish", "fake-truncated"):
+            finish = None
+        omit_finish = model == "fake-finish-absent"  # the key itself is missing, not null
+        send_done = model not in ("fake-no-done", "fake-truncated")
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if model == "fake-tools":
             message = {"role": "assistant", "content": None, "tool_calls": [{
@@ -102,13 +110,18 @@ def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None,
         usage = {"prompt_tokens": 10, "completion_tokens": len(text.split()), "total_tokens": 10 + len(text.split())}
         cid, created = f"chatcmpl-fake-{n}", int(time.time())
         if not body.get("stream"):
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+            if omit_finish:
+                del choice["finish_reason"]
             return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                                 "usage": usage})
+                                 "choices": [choice], "usage": usage})
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            if omit_finish:
+                del choice["finish_reason"]
             data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+                    "choices": [choice], **extra}
             return "data: " + json.dumps(data) + "\n\n"
 
         async def events():
@@ -120,11 +133,13 @@ def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None,
                 yield chunk({"content": word if i == 0 else " " + word})
                 if chunk_delay_ms:
                     await asyncio.sleep(chunk_delay_ms / 1000)
-            yield chunk({}, finish)
+            if finish is not None:
+                yield chunk({}, finish)
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                              "model": model, "choices": [], "usage": usage}) + "\n\n"
-            yield "data: [DONE]\n\n"
+            if send_done:
+                yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

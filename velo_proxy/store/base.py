@@ -110,7 +110,8 @@ class CacheStore(abc.ABC):
     def evict(self, *, now: float | None = None, max_entries: int | None = None,
               below_mean: bool = False, grace_s: float = 0.0) -> EvictionReport:
         """Drop expired entries, then the lowest-value entries over ``max_entries``, then (if
-        ``below_mean``) entries older than ``grace_s`` whose cache value is below the mean."""
+        ``below_mean``) entries older than ``grace_s`` whose cache value is below the mean of their own
+        scope (never a mean across scopes: one tenant's values must not set another tenant's bar)."""
 
     @abc.abstractmethod
     def __len__(self) -> int: ...

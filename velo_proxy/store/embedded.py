@@ -734,10 +734,10 @@ class EmbeddedStore(CacheStore):
                 scopes, which, rids, values, created = self._all()
                 order = np.lexsort((created, values))[: self._count - max(0, int(max_entries))]
                 report.over_size = self._delete_rows([(scopes[int(which[i])], int(rids[i])) for i in order])
-            # 3. the paper's rule: below the mean cache value, past the grace period
+            # 3. the paper's rule: below the mean cache value of its own scope, past the grace period
             if below_mean and self._count:
                 scopes, which, rids, values, created = self._all()
-                mask = below_mean_mask(values, now - created, grace_s=grace_s)
+                mask = below_mean_mask(values, now - created, grace_s=grace_s, groups=which)
                 idx = np.flatnonzero(mask)
                 report.below_mean = self._delete_rows([(scopes[int(which[i])], int(rids[i])) for i in idx])
         # Snapshot indexes that changed a lot since their last snapshot (outside the lock).

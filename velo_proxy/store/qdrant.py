@@ -211,20 +211,21 @@ class QdrantStore(CacheStore):
                 self._client.delete(self.collection, points_selector=m.FilterSelector(filter=expired), wait=True)
             if (max_entries is None or len(self) <= max_entries) and not below_mean:
                 return report
-            points = list(self._scroll(["cache_value", "created_at"]))
+            points = list(self._scroll(["cache_value", "created_at", "scope"]))
             ids = [p.id for p in points]
             values = np.asarray([float(p.payload["cache_value"]) for p in points], dtype=np.float64)
             created = np.asarray([float(p.payload["created_at"]) for p in points], dtype=np.float64)
+            scopes = np.asarray([str(p.payload["scope"]) for p in points], dtype=object)
             keep = np.ones(len(ids), dtype=bool)
             # 2. size cap: lowest cache value first, then oldest
             if max_entries is not None and len(ids) > max_entries:
                 order = np.lexsort((created, values))[: len(ids) - max(0, int(max_entries))]
                 keep[order] = False
                 report.over_size = self._delete_ids([ids[i] for i in order])
-            # 3. below the mean cache value, past the grace period
+            # 3. below the mean cache value of its own scope, past the grace period
             if below_mean and keep.any():
                 rest = np.flatnonzero(keep)
-                mask = below_mean_mask(values[rest], now - created[rest], grace_s=grace_s)
+                mask = below_mean_mask(values[rest], now - created[rest], grace_s=grace_s, groups=scopes[rest])
                 report.below_mean = self._delete_ids([ids[i] for i in rest[mask]])
         return report
 

@@ -115,6 +115,9 @@ app.kubernetes.io/component: redis
 {{- if and .Values.retrain.enabled (eq .Values.redis.mode "none") }}
 {{- fail "retrain.enabled needs Redis (the experience streams): set redis.mode to internal or external, or retrain.enabled=false" }}
 {{- end }}
+{{- if and .Values.retrain.enabled (ne .Values.policy.name "learned") }}
+{{- fail (printf "retrain.enabled needs policy.name=learned: policy %q logs no decisions for the retrain job to learn from" .Values.policy.name) }}
+{{- end }}
 {{- if and (eq .Values.qdrant.sidecar.persistence.type "hostPath") (ne .Values.mode "daemonset") (eq .Values.qdrant.mode "sidecar") }}
 {{- fail "qdrant.sidecar.persistence.type=hostPath is only for mode=daemonset (one pod per node); use emptyDir or ephemeral" }}
 {{- end }}
