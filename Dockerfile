@@ -19,6 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     VELO_EMBEDDER_DIR=/opt/velo/models/all-MiniLM-L6-v2 \
+    VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier \
     VELO_DATA_DIR=/var/lib/velo/data \
     VELO_HOST=0.0.0.0 \
     VELO_PORT=8080
@@ -46,14 +47,18 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir "/src[train]" "torch==${TORCH_VERSION}"
 
-# Builder: export the embedder to ONNX once (the only use of torch on the serving path).
+# Builder: export the embedder and the pair verifier to ONNX once (the only use of torch on the serving path).
 FROM torch AS exporter
 RUN velo-proxy models export \
     && test -s "${VELO_EMBEDDER_DIR}/model.onnx" \
-    && test -s "${VELO_EMBEDDER_DIR}/tokenizer.json"
+    && test -s "${VELO_EMBEDDER_DIR}/tokenizer.json" \
+    && test -s "${VELO_VERIFIER_DIR}/model.onnx" \
+    && test -s "${VELO_VERIFIER_DIR}/velo_verifier.json"
 
-# Retrain image (--target train): the app with torch, for the retrain CronJob; non-root.
+# Retrain image (--target train): the app with torch, for the retrain CronJob; non-root. It embeds the simulator's
+# texts (package data, policy/snapshot) with the same exported embedder as the proxy (VELO_EMBEDDER_DIR).
 FROM torch AS train
+COPY --from=exporter --chown=root:root /opt/velo/models /opt/velo/models
 WORKDIR /home/velo
 USER 10001:10001
 ENTRYPOINT ["velo-proxy"]

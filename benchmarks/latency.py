@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import CACHE_DIR, DATA, DOCS, IMG, REPO, md_table, pct  # noqa: E402
+from common import CACHE_DIR, DOCS, IMG, REPO, md_table, pct  # noqa: E402
 
 MODEL = "bench-model"
 PROFILE_RATE = 200  # py-spy samples per second and thread
@@ -140,7 +140,18 @@ def start_upstream(latency_ms: float, workdir: Path, port: int | None = None) ->
     return p
 
 
-def start_proxy(upstream: Proc, data_dir: Path, workdir: Path, *, policy: str, qdrant: bool) -> Proc:
+def loosest_calibrated_delta() -> float:
+    """The loosest false-hit bound the exported verifier's calibration holds: the bound at which the verified
+    policy serves the most, so that its semantic-hit path (embed, search, verify, serve) can be timed."""
+    from velo_proxy.settings import Settings
+
+    meta = json.loads((Settings().verifier_dir / "velo_verifier.json").read_text())
+    thresholds = meta.get("calibration", {}).get("thresholds", {})
+    return max((float(d) for d in thresholds), default=0.02)
+
+
+def start_proxy(upstream: Proc, data_dir: Path, workdir: Path, *, policy: str, qdrant: bool,
+                max_false_hit_rate: float | None = None) -> Proc:
     port = free_port()
     log = workdir / f"proxy-{port}.log"
     # Shadow checks off: they re-ask the upstream for 5 % of hits in the background and evict entries whose
@@ -149,6 +160,8 @@ def start_proxy(upstream: Proc, data_dir: Path, workdir: Path, *, policy: str, q
            "VELO_SHADOW_RATE": "0",
            "VELO_DATA_DIR": str(data_dir), "VELO_PORT": str(port), "VELO_HOST": "127.0.0.1",
            "VELO_POLICY": policy, "VELO_LOG_LEVEL": "warning", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    if max_false_hit_rate is not None:
+        env["VELO_MAX_FALSE_HIT_RATE"] = str(max_false_hit_rate)
     if qdrant:
         env["VELO_QDRANT_URL"] = ":memory:"
     else:
@@ -174,8 +187,8 @@ class Sets:
 
 def build_sets(n_hits: int, n_misses: int, seed: int = 0) -> Sets:
     """From the same 20k-pair QQP sample as the quality benchmark (so the embeddings are cached)."""
-    common.require_data()
-    rows = [json.loads(line) for line in open(DATA / "pairs" / "qqp-dev.jsonl", encoding="utf-8")]
+    data = common.require_data()
+    rows = [json.loads(line) for line in open(data / "pairs" / "qqp-dev.jsonl", encoding="utf-8")]
     rows = random.Random(seed).sample(rows, min(20000, len(rows)))
     emb = common.EmbeddingCache(common.load_embedder())
     dups = [(r["q1"].strip(), r["q2"].strip()) for r in rows if int(r["duplicate"]) == 1
@@ -662,16 +675,49 @@ def fill_through_proxy(url: str, texts: Sequence[str], concurrency: int) -> dict
     return {"requests": len(texts), "seconds": round(time.time() - t0, 1), "actions": acts}
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from velo_proxy.policy import default_policy_path
+def model_floor(args: argparse.Namespace, n: int = 200) -> dict[str, Any]:
+    """The two model calls of a verified semantic hit alone, in this process, one at a time: embed the
+    question (1 thread), then verify its top candidates (one batched call): the floor a hit cannot beat."""
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings
+    from velo_proxy.verifier import PairVerifier
 
+    settings = Settings()
+    embedder = OnnxEmbedder(settings.embedder_dir, threads=1)
+    verifier = PairVerifier(settings.verifier_dir, threads=1)
+    sets = build_sets(min(args.hit_bodies, n), 0)
+    k = int(verifier.calibration.get("top_k", 3))
+    times_embed, times_verify = [], []
+    for i, (q, origin) in enumerate(zip(sets.paraphrases[:n], sets.origins[:n])):
+        t0 = time.perf_counter()
+        embedder.embed_sync([q])
+        t1 = time.perf_counter()
+        verifier.score_sync(q, [origin] * 1)  # one candidate: the usual case above the floor
+        t2 = time.perf_counter()
+        if i >= 10:  # warm-up
+            times_embed.append((t1 - t0) * 1000)
+            times_verify.append((t2 - t1) * 1000)
+    e, v = np.array(times_embed), np.array(times_verify)
+    return {"embed_p50_ms": round(float(np.median(e)), 2), "verify1_p50_ms": round(float(np.median(v)), 2),
+            "floor_p50_ms": round(float(np.median(e + v)), 2), "top_k": k, "samples": len(e),
+            "verifier_precision": verifier.metadata.get("precision")}
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="velo-latency-"))
     procs: list[Proc] = []
     result: dict[str, Any] = {"machine": common.machine_info(), "args": {k: v for k, v in vars(args).items()},
                               "configs": {}, "upstream": {}, "notes": []}
-    policy = "learned" if default_policy_path().exists() else "threshold"
+    policy = args.policy
     result["policy_requested"] = policy
+    delta = args.max_false_hit_rate
+    if delta is None and policy == "verified":
+        delta = loosest_calibrated_delta()
+    result["max_false_hit_rate"] = delta
+    if policy == "verified":
+        result["model_floor"] = model_floor(args)
+        print(f"model floor (embed + verify, in-process): {result['model_floor']}", file=sys.stderr, flush=True)
     try:
         sets = build_sets(args.hit_bodies, args.miss_bodies)
         result["sets"] = {"semantic_bodies": len(sets.paraphrases), "miss_bodies": len(sets.misses),
@@ -698,7 +744,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             pre = prefill_embedded(data_dir, sets, size)
             print(f"[{name}] prefilled {pre}", file=sys.stderr, flush=True)
             t1 = time.time()
-            proxy = start_proxy(upstream, data_dir, workdir, policy=policy, qdrant=False)
+            proxy = start_proxy(upstream, data_dir, workdir, policy=policy, qdrant=False, max_false_hit_rate=delta)
             procs.append(proxy)
             startup = round(time.time() - t1, 1)
             res = bench_proxy(name, proxy, result["upstream"], sets, spec_dir, args, miss_offset)
@@ -711,7 +757,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             name = f"qdrant-memory-{size_label(args.qdrant_size)}"
             data_dir = workdir / "data-qdrant"
             t1 = time.time()
-            proxy = start_proxy(upstream, data_dir, workdir, policy=policy, qdrant=True)
+            proxy = start_proxy(upstream, data_dir, workdir, policy=policy, qdrant=True, max_false_hit_rate=delta)
             procs.append(proxy)
             startup = round(time.time() - t1, 1)
             fill_texts = list(sets.origins) + [t for t in sets.misses[::-1]][: max(0, args.qdrant_size - len(sets.origins))]
@@ -846,13 +892,20 @@ def markdown(result: dict[str, Any], command: str) -> str:
              f"average {m['load_avg'][0]} at the start, {result['load_end'][0]:.2f} at the end (git {m['git'] or '?'}). "
              f"Run time {result['seconds']:.0f} s. Command:\n\n```bash\n{command}\n```\n"]
     pols = sorted({r.get("policy", "?") for r in result["configs"].values()})
-    lines.append(f"Proxy policy: requested `VELO_POLICY={result['policy_requested']}`; the proxy reported "
+    lines.append(f"Proxy policy: requested `VELO_POLICY={result['policy_requested']}`"
+                 + (f" at `VELO_MAX_FALSE_HIT_RATE={result['max_false_hit_rate']:g}`" if result.get("max_false_hit_rate") else "")
+                 + "; the proxy reported "
                  f"`x-velo-policy: {', '.join(pols)}`. Fake upstream latency {result['args']['upstream_latency_ms']:g} ms. "
                  f"Semantic-hit candidates: {result['sets']['semantic_bodies']:,} QQP paraphrases (median cosine to the "
                  f"cached original {result['sets']['paraphrase_cosine_p50']:.3f}); the policy served "
                  + ", ".join(f"{r['probe']['served']:,} ({name})" for name, r in result["configs"].items() if "probe" in r)
                  + f" of them when probed once, and those are the semantic-hit bodies. Miss bodies: "
                  f"{result['sets']['miss_bodies']:,}.\n")
+    if result.get("model_floor"):
+        f = result["model_floor"]
+        lines.append(f"Model floor of a verified hit (the two model calls alone, in-process, one at a time, "
+                     f"{f['samples']} questions): embed {f['embed_p50_ms']:.2f} ms + verify one candidate "
+                     f"{f['verify1_p50_ms']:.2f} ms ({f['verifier_precision']}) = {f['floor_p50_ms']:.2f} ms p50.\n")
     rows = []
     conc = result["args"]["concurrency"]
     for c in conc:
@@ -955,16 +1008,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qdrant-size", type=int, default=1000, help="0: skip the Qdrant :memory: run")
     ap.add_argument("--no-gptcache", dest="gptcache", action="store_false")
     ap.add_argument("--gptcache-size", type=int, default=10_000)
+    ap.add_argument("--policy", choices=("verified", "threshold", "learned"), default="verified",
+                    help="the proxy's VELO_POLICY (default: the proxy's own default)")
+    ap.add_argument("--max-false-hit-rate", type=float, default=None,
+                    help="the proxy's VELO_MAX_FALSE_HIT_RATE (default for 'verified': the loosest bound its "
+                         "calibration holds, so that verified hits are served and timed)")
     ap.add_argument("--profile", action="store_true", help="py-spy the proxy during semantic hits at c=8")
     ap.add_argument("--profile-config", default="embedded-100k")
     ap.add_argument("--profile-seconds", type=int, default=20)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="datasets directory (default: env VELO_DATASETS_DIR, else ../shared/data)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, specs, profiles)")
     ap.add_argument("--json", type=Path, default=CACHE_DIR / "latency.json")
     ap.add_argument("--doc", type=Path, default=DOCS / "benchmarks.md")
     ap.add_argument("--img-dir", type=Path, default=IMG)
     ap.add_argument("--no-doc", dest="write_doc", action="store_false")
     args = ap.parse_args(argv)
+    common.set_data_dir(args.data_dir)
     if args.tiny:
         args.sizes, args.concurrency, args.upstream_latency_ms = [2000], [1, 4], 50.0
         args.hit_bodies, args.miss_bodies, args.exact_bodies = 100, 200, 20

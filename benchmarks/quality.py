@@ -3,7 +3,8 @@
     python benchmarks/quality.py                      # full run, rewrites the quality section of docs/benchmarks.md
     python benchmarks/quality.py --tiny --no-doc --json /tmp/q.json   # smoke size
 
-Workloads (from ``../shared/data``, subsampled with a fixed seed, see ``--qqp-pairs`` etc.):
+Workloads (from the datasets directory, ``--data-dir`` / ``VELO_DATASETS_DIR``, default ``../shared/data``;
+subsampled with a fixed seed, see ``--qqp-pairs`` etc.):
 QQP dev, PAWS-Wiki dev, PAWS-X dev (7 languages), XQuAD (one question in five languages) and GPTCache's
 mock paraphrase set. QQP rows and XQuAD questions that the shipped policy's simulator trains on
 (``policy.data.training_texts``: its train split and its training-only labelled pairs) are left out,
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -57,7 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import CACHE_DIR, DATA, DOCS, IMG, REPO, md_table  # noqa: E402
+from common import CACHE_DIR, DOCS, IMG, REPO, md_table  # noqa: E402
 
 from velo_proxy import features as F  # noqa: E402
 from velo_proxy.cache_value import INITIAL_VALUE, update_cache_value  # noqa: E402
@@ -84,6 +86,11 @@ class Workload:
     emb: np.ndarray | None = None
     neg_edges: set[tuple[int, int]] = field(default_factory=set)  # cluster pairs labelled "not duplicate"
     pairs: list[tuple[int, int, int]] = field(default_factory=list)  # (text i, text j, duplicate) as labelled
+    # what a false hit counts as in the estimated false-hit rate, on a pair with no label either way and on one
+    # labelled "not duplicate": 1 (wrong) unless the labels are known to be noisy (QQP: the hand audit's upper
+    # bounds, policy.verifier_calibrate.qqp_label_weights)
+    unlabelled_weight: float = 1.0
+    labelled_weight: float = 1.0
 
     def labelled_negative(self, a: int, b: int) -> bool:
         ca, cb = int(self.cluster[a]), int(self.cluster[b])
@@ -158,28 +165,35 @@ def load_workloads(names: Sequence[str], *, qqp_pairs: int, paws_pairs: int, paw
                    exclude: set[str] = frozenset()) -> list[Workload]:
     """``exclude``: texts the shipped policy was trained on (``policy.data.training_texts``); QQP rows
     and XQuAD questions with any of them are left out, so every system is measured on held-out text."""
-    common.require_data()
+    data = common.require_data()
     out = []
     for name in names:
         rng = random.Random(seed)
         if name == "qqp":
-            rows = _read_jsonl(DATA / "pairs" / "qqp-dev.jsonl")
+            rows = _read_jsonl(data / "pairs" / "qqp-dev.jsonl")
             rows = [r for r in rows if r["q1"].strip() not in exclude and r["q2"].strip() not in exclude]
             rows = rng.sample(rows, min(qqp_pairs, len(rows)))
+            from policy.verifier_calibrate import qqp_label_weights
+
             out.append(_from_pairs("qqp", f"QQP dev, {len(rows):,} pairs sampled (seed {seed}) from the rows "
-                                   "the policy was not trained on", rows, seed))
+                                   "the policy and the verifier were not trained or calibrated on", rows, seed))
+            out[-1].labelled_weight, out[-1].unlabelled_weight = qqp_label_weights()
         elif name == "paws-wiki":
-            rows = _read_jsonl(DATA / "pairs" / "paws-wiki-dev.jsonl")
+            from policy.verifier_data import VerifierDataSpec, paws_split
+
+            # the held-out part: the pair verifier trains and calibrates on the rest (by component)
+            rows = paws_split(VerifierDataSpec(), data)["heldout"]
             rows = rng.sample(rows, min(paws_pairs, len(rows)))
-            out.append(_from_pairs("paws-wiki", f"PAWS-Wiki dev, {len(rows):,} pairs", rows, seed))
+            out.append(_from_pairs("paws-wiki", f"PAWS-Wiki dev, {len(rows):,} held-out pairs (the verifier's "
+                                   "training and calibration components left out)", rows, seed))
         elif name == "paws-x":
             rows = []
             for lang in ("de", "en", "es", "fr", "ja", "ko", "zh"):
-                part = _read_jsonl(DATA / "pairs" / f"paws-x-dev-{lang}.jsonl")
+                part = _read_jsonl(data / "pairs" / f"paws-x-dev-{lang}.jsonl")
                 rows += rng.sample(part, min(pawsx_pairs, len(part)))
             out.append(_from_pairs("paws-x", f"PAWS-X dev, {pawsx_pairs:,} pairs x 7 languages", rows, seed))
         elif name == "xquad":
-            rows = _read_jsonl(DATA / "qa" / "xquad-parallel-dev.jsonl")
+            rows = _read_jsonl(data / "qa" / "xquad-parallel-dev.jsonl")
             rows = [r for r in rows if not any((r.get(f"question_{lang}") or "").strip() in exclude
                                                for lang in ("en", "es", "de", "ru", "zh"))]
             rows = rows[:xquad_questions]
@@ -195,7 +209,7 @@ def load_workloads(names: Sequence[str], *, qqp_pairs: int, paws_pairs: int, paw
                                 "those the policy was not trained on", texts,
                                 np.array([items[t][0] for t in texts], dtype=np.int64), [items[t][1] for t in texts]))
         elif name == "gptcache-mock":
-            pairs = json.loads((DATA / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:mock_pairs]
+            pairs = json.loads((data / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:mock_pairs]
             rows = [{"q1": p["origin"], "q2": p["similar"], "duplicate": 1} for p in pairs]
             out.append(_from_pairs("gptcache-mock", f"GPTCache mock paraphrases, {len(rows):,} pairs", rows, seed))
         else:
@@ -237,6 +251,9 @@ class Outcome:
             "precision": correct / hits if hits else float("nan"),
             "served_share": hits / max(1, len(self.served)),
             "false_labelled": labelled,  # false hits on a pair the dataset labels "not duplicate"
+            # labelled wrong + weight x unlabelled (QQP's clusters miss many duplicates: policy/qqp_label_audit.jsonl)
+            "fhr_estimated": ((w.labelled_weight * labelled + w.unlabelled_weight * (false - labelled)) / hits
+                              if hits and w is not None else (false / hits if hits else 0.0)),
             "seconds": round(self.seconds, 2),
         }
 
@@ -499,7 +516,7 @@ def run_gptcache(w: Workload, threshold: float, *, workdir: Path) -> Outcome:
 
 
 def mock_protocol(emb: np.ndarray, mock: list[dict[str, str]], *, workdir: Path, policies: dict[str, Any],
-                  gptcache: bool) -> dict[str, dict[str, int]]:
+                  gptcache: bool, verifier: Any = None) -> dict[str, dict[str, int]]:
     """GPTCache's benchmark_sqlite_faiss_onnx.py: cache every ``origin`` first, then ask each ``similar``
     once (nothing new is cached): positive = the pair's own origin answered, negative = another origin
     answered, fail = miss. ``emb`` holds origins then similars."""
@@ -518,7 +535,12 @@ def mock_protocol(emb: np.ndarray, mock: list[dict[str, str]], *, workdir: Path,
             pos = neg = fail = 0
             for i in range(n):
                 hits = store.search(SCOPE, similar[i], limit=TOP_P, now=1.0)
-                d = policy.decide(similar[i], hits, now=1.0)
+                scores = None
+                if getattr(policy, "verify_rule", None) is not None and verifier is not None:
+                    idx = policy.to_verify(hits)
+                    vals = verifier.score_sync(mock[i]["similar"], [hits[j].entry.question for j in idx]) if idx else []
+                    scores = {j: float(v) for j, v in zip(idx, vals)}
+                d = policy.decide(similar[i], hits, now=1.0, scores=scores)
                 if d.action == "A" and d.entry is not None:
                     if int(d.entry.entry.id) == i:
                         pos += 1
@@ -581,7 +603,8 @@ def pairwise(w: Workload) -> dict[str, dict[str, float]]:
 
 
 def best_at(points: list[dict[str, float]], delta: float) -> dict[str, float] | None:
-    ok = [p for p in points if p["fhr"] <= delta + 1e-12 and p["hits"] > 0]
+    # the label-noise estimate (equal to the plain FHR but on QQP, whose clusters miss many duplicates)
+    ok = [p for p in points if p.get("fhr_estimated", p["fhr"]) <= delta + 1e-12 and p["hits"] > 0]
     if not ok:
         return None
     return max(ok, key=lambda p: (p["hit_rate"], -p["fhr"]))
@@ -604,17 +627,80 @@ def load_lrs(embedder: Any, delta: float) -> Any | None:
     return LearnedPolicy(path, embedder_id=embedder.id, dim=embedder.dim, max_false_hit_rate=delta)
 
 
+def held_back(args: argparse.Namespace) -> set[str]:
+    """Texts the pair verifier trains or is calibrated on (left out of every workload)."""
+    if args.tiny or not args.verifier:
+        return set()
+    from policy.verifier_data import verifier_texts
+
+    return verifier_texts()
+
+
+def load_verifier(args: argparse.Namespace) -> Any | None:
+    """The exported pair verifier (``velo-proxy models export``), or None (its rows are left out)."""
+    if not args.verifier:
+        return None
+    from velo_proxy.settings import Settings
+    from velo_proxy.verifier import PairVerifier, VerifierUnavailable
+
+    try:
+        return PairVerifier(Settings().verifier_dir, threads=args.threads)
+    except VerifierUnavailable as exc:
+        print(f"pair verifier not measured: {exc}", file=sys.stderr)
+        return None
+
+
+def verified_rows(w: Workload, verifier: Any, pos: np.ndarray, wr: dict[str, Any]) -> None:
+    """The verified policy on ``w``: its curve over score thresholds and its calibrated operating points,
+    from the replay of ``policy.verifier_calibrate`` (the proxy's loop and serving rule)."""
+    from policy import verifier_calibrate as VC
+    from velo_proxy.verifier import VerifyRule
+
+    cal = verifier.calibration
+    floor, top_k = float(cal["cosine_floor"]), int(cal["top_k"])
+    t0 = time.perf_counter()
+    prep = VC.prepare(w.name, w.texts, w.cluster, w.emb, verifier, floor=floor, m=TOP_P, progress=True)
+    wr["verifier_pairs"] = sum(len(x) for x in prep.nbr)
+    wr["verifier_scoring_s"] = round(time.perf_counter() - t0, 1)
+
+    def outcome(threshold: float) -> Outcome:
+        r = VC.replay(prep, VerifyRule(cosine_floor=floor, top_k=top_k, threshold=threshold))
+        served = r["served"] >= 0
+        correct = served & (w.cluster[np.maximum(r["served"], 0)] == w.cluster)
+        return Outcome(served, correct, r["served"])
+
+    curve = []
+    for t in VC.threshold_grid([prep], steps=60):
+        m = outcome(t).metrics(pos, w)
+        m["threshold"] = t
+        curve.append(m)
+    wr["curves"]["verified"] = curve
+    for d in DELTAS:
+        t = cal["thresholds"].get(str(d))
+        if t is None:
+            continue
+        t1 = time.perf_counter()
+        o = outcome(float(t))
+        o.seconds = time.perf_counter() - t1
+        wr["points"][f"verified δ={d:g}"] = {"engine": "replay", "threshold": float(t), **o.metrics(pos, w)}
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from policy.data import training_texts  # what the shipped policy was trained on: left out of the workloads
+    from policy.data import DataSpec, training_texts  # what the shipped policy was trained on: left out
     from velo_proxy.policy import ThresholdPolicy
 
+    common.require_data()  # before anything reads the datasets: a missing directory is a message, not a traceback
     t_start = time.time()
     embedder = common.load_embedder(threads=args.threads)
     cache = common.EmbeddingCache(embedder)
     workloads = load_workloads(args.workloads, qqp_pairs=args.qqp_pairs, paws_pairs=args.paws_pairs,
                                pawsx_pairs=args.pawsx_pairs, xquad_questions=args.xquad_questions,
-                               mock_pairs=args.mock_pairs, exclude=training_texts())
+                               mock_pairs=args.mock_pairs,
+                               # --tiny runs on small slices (tests/data): the full spec would take every
+                               # row of them, so the smoke run leaves out the tiny spec's training texts
+                               exclude=training_texts(DataSpec.tiny() if args.tiny else None) | held_back(args))
     embed_workloads(workloads, cache)
+    verifier = load_verifier(args)
     lrs = {d: load_lrs(embedder, d) for d in DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None
     gpt_err = None if args.gptcache else "disabled (--no-gptcache)"
@@ -629,6 +715,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "lrs": {"present": lrs_ok, "version": lrs[DELTAS[0]].version if lrs_ok else None,
                 "thresholds": {str(d): lrs[d].threshold for d in DELTAS} if lrs_ok else None},
         "gptcache": {"error": gpt_err}, "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "verifier": None if verifier is None else {"id": verifier.id, "precision": verifier.metadata.get("precision"),
+                                                   "cosine_floor": verifier.calibration.get("cosine_floor"),
+                                                   "top_k": verifier.calibration.get("top_k"),
+                                                   "thresholds": verifier.calibration.get("thresholds")},
         "workloads": {},
     }
     try:
@@ -668,6 +758,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                       f"{time.perf_counter() - t_lrs:.0f} s", file=sys.stderr, flush=True)
                 wr["curves"]["lrs"] = lcurve
                 wr["lrs_actor_calls"] = lr.calls
+            if verifier is not None and w.name != "paws-x":  # English-only verifier: PAWS-X is #16's
+                verified_rows(w, verifier, pos, wr)
+                for d in DELTAS:
+                    pt = wr["points"].get(f"verified δ={d:g}")
+                    if pt:
+                        print(f"  verified δ={d:g}: {pt['hit_rate']:.3f} hit, {pt['fhr']:.3f} FHR", file=sys.stderr, flush=True)
             # headline operating points on the real store
             systems: list[tuple[str, Any, Callable[..., Any] | None]] = []
             for t in STORE_THRESHOLDS:
@@ -714,15 +810,20 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             result["workloads"][w.name] = wr
         # GPTCache's published protocol
         if "gptcache-mock" in args.workloads or args.mock_protocol:
-            mock = json.loads((DATA / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:args.mock_pairs]
+            mock = json.loads((common.require_data() / "pairs" / "gptcache-mock-paraphrases.json").read_text())[:args.mock_pairs]
             emb = cache.get([m["origin"] for m in mock] + [m["similar"] for m in mock], progress="mock")
             pols: dict[str, Any] = {f"VELO threshold {t:g}": ThresholdPolicy(threshold=t, top_p=TOP_P)
                                     for t in (0.95, 0.9, 0.8, 0.7, 0.6)}
             if lrs_ok:
                 for d in DELTAS:
                     pols[f"VELO LRS δ={d:g}"] = lrs[d]
+            if verifier is not None:
+                from velo_proxy.policy import VerifiedPolicy
+
+                for d in DELTAS:
+                    pols[f"VELO verified δ={d:g}"] = VerifiedPolicy(rule=verifier.rule(d), version="bench", top_p=TOP_P)
             result["mock_protocol"] = mock_protocol(emb, mock, workdir=workdir, policies=pols,
-                                                    gptcache=gpt_err is None)
+                                                    gptcache=gpt_err is None, verifier=verifier)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = round(time.time() - t_start, 1)
@@ -733,7 +834,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 # ----- report -------------------------------------------------------------------------------------------------
 
 
-SYSTEM_ORDER = ["threshold 0.95", "threshold 0.9", "threshold 0.85", "threshold 0.8", "threshold 0.7",
+SYSTEM_ORDER = ["verified δ=0.01", "verified δ=0.02", "verified δ=0.05",
+                "threshold 0.95", "threshold 0.9", "threshold 0.85", "threshold 0.8", "threshold 0.7",
                 "GPTCache 0.95", "GPTCache 0.9", "GPTCache 0.8", "LRS δ=0.01", "LRS δ=0.02", "LRS δ=0.05",
                 "oracle (top-5)"]
 
@@ -751,13 +853,14 @@ def plot(result: dict[str, Any], img_dir: Path) -> list[str]:
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         wr = result["workloads"][name]
-        for sysname, style in (("threshold", "-"), ("lrs", "-")):
+        for sysname, style in (("threshold", "-"), ("lrs", "-"), ("verified", "-")):
             pts = wr["curves"].get(sysname)
             if not pts:
                 continue
             # a parametric curve in the threshold; points that serve nothing have no false-hit rate
             pts = sorted((p for p in pts if p["hits"] > 0), key=lambda p: -p["threshold"])
-            label = "static cosine threshold (sweep)" if sysname == "threshold" else "LRS (P(A) sweep)"
+            label = {"threshold": "static cosine threshold (sweep)", "lrs": "LRS (P(A) sweep)",
+                     "verified": "pair verifier (score sweep)"}[sysname]
             ax.plot([100 * p["fhr"] for p in pts], [100 * p["hit_rate"] for p in pts], style, marker=".", ms=3,
                     label=label, lw=1.0)
         for pname, p in wr["points"].items():
@@ -771,6 +874,9 @@ def plot(result: dict[str, Any], img_dir: Path) -> list[str]:
             elif pname.startswith("LRS"):
                 ax.plot(100 * p["fhr"], 100 * p["hit_rate"], "D", color="C1", ms=5,
                         label="LRS calibrated δ=1/2/5 %" if pname.endswith("0.01") else None)
+            elif pname.startswith("verified"):
+                ax.plot(100 * p["fhr"], 100 * p["hit_rate"], "*", color="C3", ms=8,
+                        label="verified, calibrated δ=1/2/5 %" if pname.endswith("0.01") else None)
             elif pname.startswith("oracle"):
                 ax.axhline(100 * p["hit_rate"], color="k", ls=":", lw=1, label="oracle (top-5 retrieval)")
         for d in DELTAS:
@@ -800,6 +906,30 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lrs = result["lrs"]
     if lrs["present"]:
         lines.append(f"LRS policy: `{lrs['version']}`, calibrated P(A) thresholds {lrs['thresholds']}.\n")
+    ver = result.get("verifier")
+    if ver:
+        lines.append(f"Pair verifier: `{ver['id']}` ({ver['precision']}), cosine floor {ver['cosine_floor']}, "
+                     f"top-{ver['top_k']} verified, score thresholds calibrated on training-only streams "
+                     f"{ver['thresholds']} (δ → threshold).\n")
+        rows = []
+        from policy.verifier_calibrate import upper_bound
+
+        for name, wr in result["workloads"].items():
+            for d in DELTAS:
+                pt = wr["points"].get(f"verified δ={d:g}")
+                if pt is None:
+                    continue
+                est = pt.get("fhr_estimated", pt["fhr"])
+                ucb = upper_bound(math.ceil(est * pt["hits"] - 1e-9), pt["hits"])
+                rows.append([name, f"{100 * d:g} %", f"{100 * pt['hit_rate']:.1f} %", f"{pt['correct']:,} / {pt['false']:,}",
+                             f"{100 * pt['fhr']:.2f} %", f"{100 * est:.2f} %", f"{100 * ucb:.2f} %",
+                             "yes" if est <= d else "**no**"])
+        if rows:
+            lines.append("**Does the calibrated bound hold on held-out workloads?** (the verified policy at the "
+                         "thresholds calibrated for δ; FHR measured; 95 % upper bound = one-sided Clopper-Pearson)\n")
+            lines.append(md_table(["workload", "δ", "hit rate", "correct / false hits", "FHR (every other-cluster hit)",
+                                   "FHR, label-noise estimate", "its 95 % upper bound", "estimate ≤ δ"], rows))
+            lines.append("")
     else:
         lines.append("LRS policy: **not present** (`velo_proxy/policies/lrs-default.onnx` did not exist when this ran); "
                      "rerun the command once it ships to add its rows and curve.\n")
@@ -809,11 +939,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lines.append(md_table(["workload", "what", "requests", "positives", "negatives"],
                           [[k, v["description"], f"{v['requests']:,}", f"{v['positives']:,}", f"{v['negatives']:,}"]
                            for k, v in result["workloads"].items()]))
-    lines.append("\n**Hit rate at a fixed false-hit rate** (best point of each system's sweep with FHR ≤ bound; "
+    lines.append("\n**Hit rate at a fixed false-hit rate** (best point of each system's sweep with FHR ≤ bound, on QQP its "
+                 "label-noise estimate; "
                  "the threshold that achieves it in brackets; – = no operating point that strict serves anything)\n")
     rows = []
     for name, wr in result["workloads"].items():
-        for sysname, label in (("threshold", "static threshold"), ("lrs", "LRS")):
+        for sysname, label in (("verified", "pair verifier"), ("threshold", "static threshold"), ("lrs", "LRS")):
             if sysname not in wr["at_fhr"]:
                 continue
             cells = [name, label]
@@ -835,12 +966,13 @@ def markdown(result: dict[str, Any], command: str) -> str:
             if p is None:
                 continue
             label = sysname + (f" (cos ≥ {p['cosine_equiv']:g})" if "cosine_equiv" in p else "")
-            rows.append([label, f"{100 * p['hit_rate']:.1f} %", f"{100 * p['fhr']:.1f} %", f"{100 * p['fpr']:.2f} %",
+            rows.append([label, f"{100 * p['hit_rate']:.1f} %", f"{100 * p['fhr']:.1f} %",
+                         f"{100 * p.get('fhr_estimated', p['fhr']):.1f} %", f"{100 * p['fpr']:.2f} %",
                          f"{100 * p['precision']:.1f} %" if p["precision"] == p["precision"] else "–",
                          f"{p['correct']:,} / {p['false']:,}" + (f" ({p['false_labelled']:,})" if wr.get("pairwise") else ""),
                          p["engine"]])
         lines.append(f"*{name}* — {wr['description']}\n")
-        lines.append(md_table(["system", "hit rate", "FHR", "FPR", "precision",
+        lines.append(md_table(["system", "hit rate", "FHR", "FHR, label-noise estimate", "FPR", "precision",
                                "correct / false hits" + (" (of which on pairs labelled not duplicate)" if wr.get("pairwise") else ""),
                                "engine"], rows))
         lines.append("")
@@ -920,8 +1052,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fine", action="store_true", default=True)
     ap.add_argument("--no-store", dest="store", action="store_false", help="operating points from the replay only")
     ap.add_argument("--no-gptcache", dest="gptcache", action="store_false")
+    ap.add_argument("--no-verifier", dest="verifier", action="store_false", help="leave out the pair verifier's rows")
     ap.add_argument("--mock-protocol", action="store_true", help="run GPTCache's protocol even without the mock workload")
     ap.add_argument("--tiny", action="store_true", help="smoke size: a few hundred pairs per workload")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="datasets directory (default: env VELO_DATASETS_DIR, else ../shared/data)")
     ap.add_argument("--merge", type=Path, nargs="+", help="write the doc from the JSON results of runs over "
                     "disjoint workloads (run them in parallel processes), instead of running")
     ap.add_argument("--json", type=Path, default=CACHE_DIR / "quality.json")
@@ -929,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-dir", type=Path, default=IMG)
     ap.add_argument("--no-doc", dest="write_doc", action="store_false")
     args = ap.parse_args(argv)
+    common.set_data_dir(args.data_dir)
     if args.tiny:
         args.qqp_pairs, args.paws_pairs, args.pawsx_pairs = 150, 100, 20
         args.xquad_questions, args.mock_pairs, args.lrs_steps, args.fine = 40, 60, 5, False

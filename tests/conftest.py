@@ -1,5 +1,5 @@
 """Shared fixtures: a fake OpenAI-compatible upstream, real proxies on free ports, a real redis-server,
-the shared evaluation data. Nothing of ours is mocked."""
+the dataset slices in tests/data. Nothing of ours is mocked."""
 
 from __future__ import annotations
 
@@ -22,15 +22,25 @@ from velo_proxy.devtools.server import ServerThread, free_port  # noqa: E402
 from velo_proxy.settings import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+#: The dataset slices the suite ships (tests/data/README.md): the suite never reads ../shared, so it runs in a
+#: bare clone. Every reader of the datasets setting (policy.data.data_dir, benchmarks/common.py) sees them.
+TEST_DATA = REPO / "tests" / "data"
+os.environ["VELO_DATASETS_DIR"] = str(TEST_DATA)
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "README.md").exists():
-        pytest.fail(f"evaluation data missing: expected ../shared/data at {SHARED_DATA}")
-    return SHARED_DATA
+def test_data() -> Path:
+    """tests/data: the dataset slices, laid out like ../shared/data."""
+    if not (TEST_DATA / "README.md").exists():
+        pytest.fail(f"test data missing at {TEST_DATA} (it is part of the repository)")
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data(test_data: Path) -> Path:
+    """Former name of ``test_data`` (the suite no longer reads ../shared/data)."""
+    return test_data
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +48,14 @@ def embedder_dir() -> Path:
     path = Settings().embedder_dir
     if not (path / "model.onnx").exists():
         pytest.fail(f"no embedder at {path}: run `velo-proxy models export` (the README's install step)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def verifier_dir() -> Path:
+    path = Settings().verifier_dir
+    if not (path / "model.onnx").exists():
+        pytest.fail(f"no pair verifier at {path}: run `velo-proxy models export` (the README's install step)")
     return path
 
 
@@ -70,6 +88,9 @@ def make_proxy(fake_upstream: ServerThread, tmp_path: Path) -> Iterator[Callable
             # Shadow checks re-ask upstream for a random 5 % of hits, which would make upstream request
             # counts flaky; the tests of shadow checks set the rate themselves.
             "shadow_rate": 0.0,
+            # The learned policy's mechanics are tested with rule-made policies (tests/policy_builders.py);
+            # the pair verifier's veto on its hits has its own test (test_near_misses).
+            "verify_learned": False,
         }
         values.update(overrides)
         server = ServerThread(create_app(Settings(**values))).start()

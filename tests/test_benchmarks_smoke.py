@@ -1,7 +1,8 @@
 """Smoke test of the benchmarks (benchmarks/quality.py, benchmarks/latency.py): each runs at a tiny size
 and its output keeps the structure docs/benchmarks.md is generated from, so the scripts do not rot.
 
-Needs the evaluation data (../shared/data) and the exported embedder; the latency part also needs
+Runs on the dataset slices in tests/data (conftest points VELO_DATASETS_DIR there) and needs the exported
+embedder; the latency part also needs
 ``wrk`` (Debian package, installed by `make tools`). Whatever is missing fails the test with the reason.
 """
 
@@ -17,13 +18,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"
 sys.path.insert(0, str(BENCH))
 
 
 def _need_data_and_embedder() -> None:
+    import common
+
+    assert common.require_data() == DATA, "the benchmarks read the datasets setting (VELO_DATASETS_DIR)"
     if not (DATA / "pairs" / "qqp-dev.jsonl").is_file():
-        pytest.fail(f"evaluation data missing at {DATA}")
+        pytest.fail(f"test data missing at {DATA}")
     from velo_proxy.settings import Settings
 
     if not (Path(Settings().embedder_dir) / "model.onnx").is_file():
@@ -48,7 +52,7 @@ class _StubLRS:
             out.append([pa, 1.0 - pa, 0.0])
         return np.asarray(out, dtype=np.float32)
 
-    def decide(self, vector, hits, *, now):  # noqa: ANN001
+    def decide(self, vector, hits, *, now, scores=None):  # noqa: ANN001
         from velo_proxy import features as F
         from velo_proxy.policy import Decision
 
@@ -125,15 +129,16 @@ def test_latency_smoke(tmp_path: Path) -> None:
 
 def test_quality_workloads_leave_out_what_the_policy_was_trained_on():
     import quality
-    from policy.data import training_texts
+    from policy.data import DataSpec, training_texts
 
-    if not (DATA / "pairs" / "qqp-dev.jsonl").is_file():
-        pytest.fail(f"evaluation data missing at {DATA}")
-    trained = training_texts()
+    _need_data_and_embedder()
+    # On the slices, the tiny spec's training texts (on the full data, the default spec's: quality.evaluate)
+    trained = training_texts(DataSpec.tiny())
     kw = dict(qqp_pairs=3000, paws_pairs=10, pawsx_pairs=10, xquad_questions=2000, mock_pairs=10)
     held_out = {w.name: w for w in quality.load_workloads(["qqp", "xquad"], exclude=trained, **kw)}
     everything = {w.name: w for w in quality.load_workloads(["qqp", "xquad"], **kw)}
     for name in ("qqp", "xquad"):
         assert not set(held_out[name].texts) & trained
         assert set(everything[name].texts) & trained  # without the filter they would overlap
-    assert len(held_out["qqp"].texts) > 4000  # still a full-size workload
+    # only the rows with a trained text go: the workload keeps the rest
+    assert len(held_out["qqp"].texts) >= len(everything["qqp"].texts) - 2 * len(trained) > 0

@@ -101,6 +101,9 @@ def test_builder_exports_embedder_with_pinned_cpu_torch(stages: dict[str, Stage]
     export_stage = [s for s in stages.values() if any("velo-proxy models export" in r for r in s.args("RUN"))]
     assert len(export_stage) == 1
     assert "/opt/velo/models/all-MiniLM-L6-v2" in " ".join(stages["base"].args("ENV"))
+    # the default policy needs the pair verifier baked in next to the embedder
+    assert "VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier" in " ".join(stages["base"].args("ENV"))
+    assert any("${VELO_VERIFIER_DIR}/model.onnx" in r for r in export_stage[0].args("RUN"))
 
 
 def test_runtime_has_no_torch(stages: dict[str, Stage], runtime: Stage) -> None:

@@ -66,12 +66,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models_export(args: argparse.Namespace) -> int:
-    from velo_proxy.model_export import export_embedder
+    from velo_proxy.model_export import ExportError, export_embedder
+    from velo_proxy.verifier_export import export_verifier
 
     _configure_logging("info")
-    out = Path(args.out) if args.out else Settings().embedder_dir
+    settings = Settings()
+    out = Path(args.out) if args.out else settings.embedder_dir
     path = export_embedder(out, force=args.force)
     print(f"embedder ready at {path}")
+    if args.no_verifier:
+        return 0
+    try:
+        path = export_verifier(Path(args.verifier_out) if args.verifier_out else settings.verifier_dir,
+                               precision=args.verifier_precision, force=args.force)
+    except ExportError as exc:
+        print(f"velo-proxy: pair verifier not exported: {exc}", file=sys.stderr)
+        return 1
+    print(f"pair verifier ready at {path}")
     return 0
 
 
@@ -94,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="Manage the bundled models.")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    export = model_commands.add_parser("export", help="Export the embedder (all-MiniLM-L6-v2) to ONNX (needs the 'export' extra).")
+    export = model_commands.add_parser("export", help="Export the embedder (all-MiniLM-L6-v2) and the pair verifier to ONNX (needs the 'export' extra).")
     export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR].")
     export.add_argument("--force", action="store_true", help="Export again even if a complete model is there.")
+    export.add_argument("--verifier-out", default=None, help="Pair verifier directory [default: VELO_VERIFIER_DIR].")
+    export.add_argument("--verifier-precision", choices=("int8", "fp32"), default=None,
+                        help="Pair verifier precision [default: the one its model card chose].")
+    export.add_argument("--no-verifier", action="store_true", help="Export the embedder only.")
     export.set_defaults(func=cmd_models_export)
 
     retrain = commands.add_parser("retrain", help="Retrain the policy from the experience streams and publish it if better "

@@ -48,11 +48,14 @@ class Trace:
     entry: str | None = None
     decision: Decision | None = None
     started: float = field(default_factory=time.perf_counter)
+    tenant: str = ""  # whose response this is: only this tenant may give feedback on it
+    verifier_score: float | None = None  # the pair verifier's score of the served (or best) candidate
 
     def headers(self) -> dict[str, str]:
         return {
             "x-velo-action": self.action,
             "x-velo-similarity": "" if self.similarity is None else f"{self.similarity:.4f}",
+            "x-velo-verifier": "" if self.verifier_score is None else f"{self.verifier_score:.4f}",
             "x-velo-entry": self.entry or "",
             "x-velo-policy": self.policy.version,
         }
@@ -74,12 +77,14 @@ class ChatEngine:
 
     # ----- fail-open plumbing -------------------------------------------------------------------
     async def _guarded(self, component: str, call: Callable[[], Awaitable[T]], *, timeout_s: float) -> T | None:
-        """Run ``call`` under a deadline; on failure count it, trip the breaker and return None."""
+        """Run ``call`` under a deadline; on failure count it towards the breaker and return None."""
         if not self.services.breaker.allows(component):
             self.metrics.failures.labels(component, "breaker_open").inc()
             return None
         try:
-            return await asyncio.wait_for(call(), timeout_s)
+            result = await asyncio.wait_for(call(), timeout_s)
+            self.services.breaker.succeeded(component)
+            return result
         except asyncio.TimeoutError:
             self._fail(component, "timeout", None)
         except Exception as exc:  # noqa: BLE001 - the cache never fails a request
@@ -117,7 +122,7 @@ class ChatEngine:
     async def handle(self, chat: ChatCompletionRequest, payload: dict[str, Any], *, caller: Any,
                      request: Request) -> Response:
         # one policy object for the whole request, even if a new version is swapped in meanwhile
-        trace = Trace(request_id=request.state.request_id, policy=self.services.policy)
+        trace = Trace(request_id=request.state.request_id, policy=self.services.policy, tenant=caller.tenant)
         self.services.upstream.resolve(chat.model)  # unknown model -> 404 before any work
         gate = cache_gate(chat, request.headers, self.settings)
         key = cache_key(chat, payload, tenant=caller.tenant) if (gate.lookup or gate.store) else None
@@ -141,10 +146,13 @@ class ChatEngine:
                 vectors = await self._embed([key.question])
                 vector = vectors[0] if vectors is not None else None
                 hits = await self._search(key.scope, vector, trace.policy.top_p) if vector is not None else None
-                decision = self._decide(trace.policy, vector, hits) if hits is not None else None
+                scores = await self._verify(trace.policy, key.question, hits) if hits else None
+                decision = self._decide(trace.policy, vector, hits, scores) if hits is not None else None
                 if decision is not None:
                     trace.decision = decision
                     trace.similarity = hits[0].similarity if hits else None
+                    trace.verifier_score = decision.verifier_score
+                    self._count_verification(trace.policy, hits, scores, decision)
                     if decision.action == "A" and decision.entry is not None:
                         return self._serve_hit(chat, payload, key, decision, trace, caller, stream=stream,
                                                include_usage=include_usage)
@@ -164,16 +172,52 @@ class ChatEngine:
             return await self._forward_stream(chat, forward_payload, caller, trace, store_key, vector, new_entry)
         return await self._forward(chat, forward_payload, caller, trace, store_key, vector, new_entry)
 
-    def _decide(self, policy: Policy, vector: np.ndarray, hits: list[Hit]) -> Decision | None:
+    async def _verify(self, policy: Policy, question: str, hits: list[Hit]) -> dict[int, float] | None:
+        """The verifier's scores of the hits the policy wants verified, in one batched call: {} when
+        none qualifies, None when the verifier is missing, slow or failing (the policy then serves
+        nothing semantically: it fails safe)."""
+        indices = policy.to_verify(hits)
+        if not indices:
+            return {}
+        verifier = self.services.verifier
+        if verifier is None:
+            return None
+        t0 = time.perf_counter()
+        scores = await self._guarded("verifier", lambda: verifier.score(question, [hits[i].entry.question for i in indices]),
+                                     timeout_s=self.settings.verifier_timeout_ms / 1000)
+        if scores is None:
+            return None
+        self.metrics.verifier_latency.observe(time.perf_counter() - t0)
+        self.metrics.verifier_pairs.inc(len(indices))
+        return {i: float(s) for i, s in zip(indices, scores)}
+
+    def _count_verification(self, policy: Policy, hits: list[Hit], scores: dict[int, float] | None,
+                            decision: Decision) -> None:
+        if policy.verify_rule is None or not hits:
+            return
+        if scores is None:
+            outcome = "failed"
+        elif not scores:
+            outcome = "no_candidate"
+        elif decision.vetoed:
+            outcome = "vetoed"
+        else:
+            outcome = "served" if decision.action == "A" else "rejected"
+        self.metrics.verifier_outcomes.labels(outcome).inc()
+
+    def _decide(self, policy: Policy, vector: np.ndarray, hits: list[Hit],
+                scores: dict[int, float] | None = None) -> Decision | None:
         """The policy's decision; a policy that fails at run time fails open (B) like any component."""
         if not self.services.breaker.allows("policy"):
             self.metrics.failures.labels("policy", "breaker_open").inc()
             return None
         try:
-            return policy.decide(vector, hits, now=time.time())
+            decision = policy.decide(vector, hits, now=time.time(), scores=scores)
         except Exception as exc:  # noqa: BLE001
             self._fail("policy", type(exc).__name__, exc)
             return None
+        self.services.breaker.succeeded("policy")
+        return decision
 
     async def _still_valid(self, cached: dict[str, Any]) -> bool:
         """An exact-tier answer whose store entry was deleted (admin, eviction, failed shadow check)
@@ -222,12 +266,13 @@ class ChatEngine:
     async def _forward(self, chat: ChatCompletionRequest, payload: dict[str, Any], caller: Any, trace: Trace,
                        store_key: CacheKey | None, vector: np.ndarray | None, new_entry: str | None) -> Response:
         t0 = time.perf_counter()
-        data = await self.services.upstream.complete(payload, client_key=caller.client_key)
+        # finished: the upstream itself said "stop" (not litellm's normalised stand-in for nothing)
+        data, finished = await self.services.upstream.complete_checked(payload, client_key=caller.client_key)
         self.metrics.upstream_latency.observe(time.perf_counter() - t0)
         choice = (data.get("choices") or [{}])[0]
         message = choice.get("message") or {}
         trace.entry = None
-        if store_key is not None and choice.get("finish_reason") == "stop" and not message.get("tool_calls") \
+        if store_key is not None and finished and not message.get("tool_calls") \
                 and isinstance(message.get("content"), str):
             answer = {"message": {"role": "assistant", "content": message["content"]},
                       "finish_reason": "stop", "usage": data.get("usage")}
@@ -257,11 +302,12 @@ class ChatEngine:
                 log.warning("upstream stream failed mid-way: %s", err.message)
                 yield error_event(err)
                 return
-            yield DONE
+            if chunks.end_marker:  # relayed as the upstream ended it: no [DONE] it did not send
+                yield DONE
             self.metrics.upstream_latency.observe(time.perf_counter() - t0)
             self._finished(trace, completion_id)
-            # only a stream that completed normally is cached
-            if store_key is not None and assembler.cacheable and assembler.finish_reason == "stop":
+            # only a stream the upstream itself said was complete ("stop" and [DONE]) is cached
+            if store_key is not None and assembler.cacheable and chunks.finished:
                 answer = {"message": assembler.message(), "finish_reason": "stop", "usage": assembler.usage}
                 self.services.spawn(self._store_answer(store_key, vector, answer, chat.model, new_entry))
 
@@ -275,7 +321,8 @@ class ChatEngine:
         served_entry = trace.entry if trace.action in ("A", "exact") else None
         if trace.action == "C" and trace.decision is not None and trace.decision.entry is not None:
             served_entry = trace.decision.entry.entry.id
-        self.services.recent.add(Answered(trace.request_id, trace.action, served_entry), completion_id)
+        self.services.recent.add(Answered(trace.request_id, trace.action, served_entry, tenant=trace.tenant),
+                                 completion_id)
         decision = trace.decision
         if self.services.experience is not None and decision is not None and decision.observation is not None:
             self.services.spawn(self._guarded("experience", lambda: self.services.experience.decision(
@@ -341,16 +388,21 @@ class ChatEngine:
         experience = self.services.experience
         if experience is None:
             return False
-        done = await self._guarded("experience", lambda: experience.reward(
-            request_id=request_id, source=source, q=q, score=score), timeout_s=REDIS_TIMEOUT_S * 2)
-        return done is not None or self.services.breaker.allows("experience")
+        async def reward() -> bool:
+            await experience.reward(request_id=request_id, source=source, q=q, score=score)
+            return True
 
-    async def feedback(self, response_id: str, score: float) -> dict[str, Any]:
-        """An explicit score in [0, 1] for a recent response: reward in the stream, and for answers
-        served from the cache, an outcome folded into the entry's cache value."""
-        answered = self.services.recent.get(response_id)
+        # None when it failed or was skipped (the breaker no longer opens on a single failure)
+        return bool(await self._guarded("experience", reward, timeout_s=REDIS_TIMEOUT_S * 2))
+
+    async def feedback(self, response_id: str, score: float, *, tenant: str) -> dict[str, Any]:
+        """An explicit score in [0, 1] for a recent response of ``tenant``: reward in the stream, and
+        for answers served from the cache, an outcome folded into the entry's cache value. Another
+        tenant's response is answered exactly like an unknown id (404)."""
+        answered = self.services.recent.get(response_id, tenant=tenant)
         if answered is None:
-            raise ProxyError(404, f"No recent response '{response_id}' on this proxy.", param="id",
+            # the same answer for an unknown id and for another tenant's: nothing tells them apart
+            raise ProxyError(404, "No recent response with this id for this caller on this proxy.", param="id",
                              code="response_not_found")
         if answered.entry and answered.action in ("A", "exact", "C"):
             await self._record_use(answered.entry, outcome=score)

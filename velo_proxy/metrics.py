@@ -29,6 +29,13 @@ class Metrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.shadow_checks = Counter("velo_shadow_checks", "Shadow verifications of served answers, by result.",
                                      ["result"], registry=r)
+        self.verifier_latency = Histogram("velo_verifier_seconds", "Pair verifier latency (one batched call).",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.verifier_pairs = Counter("velo_verifier_pairs", "Candidate pairs scored by the pair verifier.", registry=r)
+        self.verifier_outcomes = Counter(
+            "velo_verifier_outcomes", "Verified lookups by outcome: served (a candidate passed), rejected "
+            "(candidates, none passed), no_candidate (none above the cosine floor), failed (verifier slow or "
+            "down: forwarded), vetoed (the learned policy chose A, the verifier said no).", ["outcome"], registry=r)
         self.store_entries = Gauge("velo_store_entries", "Entries in the semantic store.", registry=r)
         self.policy_reloads = Counter("velo_policy_reloads", "Policy versions swapped in without a restart.", registry=r)
         self.policy_version = Gauge("velo_policy_info", "Policy in use (label carries the version).",

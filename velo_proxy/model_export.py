@@ -23,6 +23,7 @@ runtime imports this module's package without them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,7 @@ def export_embedder(out_dir: Path, *, force: bool = False) -> Path:
         log.info("embedder already exported at %s", out_dir)
         return out_dir
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
-    try:
-        # mkdtemp makes a 0700 directory; the model must stay readable by a non-root runtime user.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+    with atomic_export_dir(out_dir) as tmp:
         started = time.perf_counter()
         _export_onnx(src, tmp / MODEL_FILE)
         _write_tokenizer(src / TOKENIZER_FILE, tmp / TOKENIZER_FILE, MAX_LENGTH)
@@ -145,16 +140,30 @@ def export_embedder(out_dir: Path, *, force: bool = False) -> Path:
         max_diff = check_parity(tmp, src)
         log.info("embedder exported in %.1fs, parity max abs diff %.2e",
                  time.perf_counter() - started, max_diff)
+    return out_dir
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_export_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` to build an export in; renamed into place (files fsynced)
+    when the block succeeds, removed when it fails, so a reader never sees half a model."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        # mkdtemp makes a 0700 directory; the model must stay readable by a non-root runtime user.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        yield tmp
         for path in tmp.iterdir():
             _fsync(path)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
-
-
-# --- internals --------------------------------------------------------------------------------
 
 
 def _offline_env() -> None:

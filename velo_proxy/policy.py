@@ -1,9 +1,16 @@
 """Decision policies: given the request vector and its top-P hits, choose A (serve a cached answer),
 B (forward upstream) or C (forward with cached Q&A as context).
 
-- ``ThresholdPolicy``: the static cosine threshold GPTCache and LiteLLM ship.
+- ``VerifiedPolicy`` (the default): serve the best hit the pair verifier (``velo_proxy.verifier``)
+  scores at or above the threshold calibrated for the operator's false-hit bound.
+- ``ThresholdPolicy``: the static cosine threshold GPTCache and LiteLLM ship (unverified).
 - ``LearnedPolicy``: the exported LRS actor (ONNX, onnxruntime only), fed by ``velo_proxy.features``
-  exactly as in training, with the calibrated rule that bounds the false-hit rate.
+  exactly as in training, with the calibrated rule that bounds the false-hit rate; with a
+  ``verify_rule`` its A decisions are served only when the verifier passes the entry.
+
+A policy with a ``verify_rule`` tells the engine which hits to verify (``to_verify``); the engine
+scores them in one batched verifier call and passes ``scores`` (hit index -> score) to ``decide``.
+``scores=None`` means the verifier failed or timed out: such a policy then never serves (fails safe).
 - ``PolicyDirectory``: where the retrain job publishes versions; proxies hot-reload from it.
 """
 
@@ -24,6 +31,7 @@ import numpy as np
 
 from velo_proxy import features as F
 from velo_proxy.store.base import Hit
+from velo_proxy.verifier import VerifyRule
 
 log = logging.getLogger("velo_proxy.policy")
 
@@ -39,14 +47,49 @@ class Decision:
     observation: F.Observation | None = None  # what the actor saw (logged as experience)
     explored: bool = False
     observed_at: float = 0.0  # the ``now`` the observation was built with
+    verifier_score: float | None = None  # the verifier's score of the entry (A, C) or of the best candidate
+    vetoed: bool = False  # the learned policy chose A and the verifier rejected the entry
 
 
 class Policy(abc.ABC):
     version: str
     top_p: int
+    verify_rule: VerifyRule | None = None  # None: decides without the pair verifier
+
+    def to_verify(self, hits: Sequence[Hit]) -> list[int]:
+        """Indices of the hits the engine should verify before ``decide``."""
+        if self.verify_rule is None or not hits:
+            return []
+        return self.verify_rule.candidates([h.similarity for h in hits])
 
     @abc.abstractmethod
-    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float) -> Decision: ...
+    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
+               scores: dict[int, float] | None = None) -> Decision: ...
+
+
+def _best_score(scores: dict[int, float] | None) -> float | None:
+    return max(scores.values()) if scores else None
+
+
+class VerifiedPolicy(Policy):
+    """Serve the hit the pair verifier stands behind: among at most ``top_k`` hits above the cosine
+    floor, the best-scored one when its score reaches the threshold calibrated for the operator's
+    bound. Without a verifier (``rule=None``) or when it fails, nothing is served semantically."""
+
+    def __init__(self, *, rule: VerifyRule | None, version: str, top_p: int = 5) -> None:
+        self.verify_rule = rule
+        self.top_p = top_p
+        self.version = version
+
+    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
+               scores: dict[int, float] | None = None) -> Decision:
+        if self.verify_rule is None or not scores:
+            return Decision("B", None, 1.0, verifier_score=_best_score(scores))
+        indices = sorted(scores)
+        pick = self.verify_rule.choose(indices, [scores[i] for i in indices])
+        if pick is None:
+            return Decision("B", None, 1.0, verifier_score=_best_score(scores))
+        return Decision("A", hits[pick], 1.0, verifier_score=scores[pick])
 
 
 class ThresholdPolicy(Policy):
@@ -57,7 +100,8 @@ class ThresholdPolicy(Policy):
         self.top_p = top_p
         self.version = f"threshold-{threshold:g}"
 
-    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float) -> Decision:
+    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
+               scores: dict[int, float] | None = None) -> Decision:
         if hits and hits[0].similarity >= self.threshold:
             return Decision("A", hits[0], 1.0)
         return Decision("B", None, 1.0)
@@ -88,9 +132,11 @@ class LearnedPolicy(Policy):
     taken with probability e, and the logged probability accounts for it (off-policy correction)."""
 
     def __init__(self, path: Path, *, embedder_id: str, dim: int, max_false_hit_rate: float,
-                 exploration_rate: float = 0.0, seed: int | None = None, version: str | None = None) -> None:
+                 exploration_rate: float = 0.0, seed: int | None = None, version: str | None = None,
+                 verify_rule: VerifyRule | None = None) -> None:
         import onnxruntime as ort
 
+        self.verify_rule = verify_rule
         self.path = Path(path)
         if not self.path.exists():
             raise PolicyMismatch(f"policy file {self.path} does not exist")
@@ -152,7 +198,8 @@ class LearnedPolicy(Policy):
             return F.ACTION_C
         return F.ACTION_B
 
-    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float) -> Decision:
+    def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
+               scores: dict[int, float] | None = None) -> Decision:
         observation = F.build_observation(request_vector, hits, top_p=self.top_p, now=now)
         p = self.probs([observation])[0]
         has_hits = bool(hits)
@@ -165,12 +212,18 @@ class LearnedPolicy(Policy):
                 chosen, explored = self._rng.choice((F.ACTION_A, F.ACTION_B, F.ACTION_C)), True
             # probability of the logged action under "greedy with prob 1 - eps, uniform with prob eps"
             probability = (1 - eps) * (chosen == greedy) + eps / 3
-        entry = None
+        entry, index, vetoed = None, None, False
         if chosen in (F.ACTION_A, F.ACTION_C):
             index = F.select_entry(hits, top_p=self.top_p)
             entry = hits[index] if index is not None else None
+        if chosen == F.ACTION_A and self.verify_rule is not None:
+            # the verifier has the last word on A: an entry it did not pass is forwarded
+            score = (scores or {}).get(index) if index is not None else None
+            if score is None or score < self.verify_rule.threshold:
+                chosen, entry, vetoed = F.ACTION_B, None, True
+        score = (scores or {}).get(index) if index is not None and entry is not None else _best_score(scores)
         return Decision(ACTIONS[chosen], entry, float(probability), tuple(float(x) for x in p), observation, explored,
-                        now)
+                        now, verifier_score=score, vetoed=vetoed)
 
 
 # ----- publishing and hot reload ------------------------------------------------------------------

@@ -14,29 +14,47 @@ from typing import Any, Awaitable
 from velo_proxy.exact import ExactTier, LocalExactTier, RedisExactTier
 from velo_proxy.experience import ExperienceLog
 from velo_proxy.metrics import Metrics
-from velo_proxy.policy import LearnedPolicy, Policy, PolicyDirectory, PolicyMismatch, ThresholdPolicy, default_policy_path
+from velo_proxy.policy import (LearnedPolicy, Policy, PolicyDirectory, PolicyMismatch, ThresholdPolicy, VerifiedPolicy,
+                               default_policy_path)
 from velo_proxy.settings import Settings
 from velo_proxy.store.base import CacheStore
 from velo_proxy.upstream import Upstream
+from velo_proxy.verifier import VerifyRule
 
 log = logging.getLogger("velo_proxy.services")
 
-BREAKER_COOLDOWN_S = 5.0  # after a failure, skip a component this long instead of paying its timeout again
+BREAKER_COOLDOWN_S = 5.0  # once open, skip a component this long instead of paying its timeout again
+BREAKER_THRESHOLD = 3  # consecutive failures that open the breaker: one bad request does not
 REDIS_TIMEOUT_S = 0.25
 
 
 class Breaker:
-    """Per-component circuit breaker: open for a cool-down after a failure."""
+    """Per-component circuit breaker, shared by every request of the process.
 
-    def __init__(self, cooldown_s: float = BREAKER_COOLDOWN_S) -> None:
+    It opens for a cool-down after ``threshold`` consecutive failures of a component, not after one:
+    a single request whose own input makes a component fail (or overrun its deadline) must not switch
+    the cache off for every other client. Any success closes it again. After the cool-down one
+    failure re-opens it at once (half-open); a success resets the count."""
+
+    def __init__(self, cooldown_s: float = BREAKER_COOLDOWN_S, threshold: int = BREAKER_THRESHOLD) -> None:
         self.cooldown_s = cooldown_s
+        self.threshold = max(1, int(threshold))
         self._open_until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
 
     def allows(self, component: str) -> bool:
         return time.monotonic() >= self._open_until.get(component, 0.0)
 
     def trip(self, component: str) -> None:
-        self._open_until[component] = time.monotonic() + self.cooldown_s
+        """Count one failure; open the breaker once ``threshold`` of them came in a row."""
+        failures = self._failures.get(component, 0) + 1
+        self._failures[component] = failures
+        if failures >= self.threshold:
+            self._open_until[component] = time.monotonic() + self.cooldown_s
+
+    def succeeded(self, component: str) -> None:
+        if self._failures.pop(component, None) is not None:
+            self._open_until.pop(component, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,27 +64,34 @@ class Answered:
     request_id: str
     action: str
     entry: str | None
+    tenant: str = ""
 
 
 class RecentResponses:
-    """The last N responses by request id and completion id, for POST /v1/feedback."""
+    """The last N responses, for POST /v1/feedback, keyed by (tenant, id): the proxy-minted request
+    id (``x-velo-request-id``) and the completion id. A tenant only ever finds its own responses, and
+    a client-chosen ``x-request-id`` is never a key. An id that two of a tenant's responses share
+    (an upstream that reuses completion ids) is forgotten rather than credited to the wrong one."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._items: OrderedDict[str, Answered] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], Answered | None] = OrderedDict()
 
     def add(self, answered: Answered, *ids: str | None) -> None:
         if self.size <= 0:
             return
-        for key in (answered.request_id, *ids):
+        for key in dict.fromkeys((answered.request_id, *ids)):
             if key:
-                self._items[key] = answered
-                self._items.move_to_end(key)
+                slot = (answered.tenant, key)
+                known = self._items.get(slot, answered)
+                self._items[slot] = answered if known is not None and known.request_id == answered.request_id \
+                    else None
+                self._items.move_to_end(slot)
         while len(self._items) > self.size * 2:
             self._items.popitem(last=False)
 
-    def get(self, key: str) -> Answered | None:
-        return self._items.get(key)
+    def get(self, key: str, *, tenant: str) -> Answered | None:
+        return self._items.get((tenant, key))
 
 
 @dataclass
@@ -77,6 +102,7 @@ class Services:
     exact: ExactTier
     policy: Policy
     embedder: Any = None  # velo_proxy.embedder.Embedder
+    verifier: Any = None  # velo_proxy.verifier.PairVerifier
     store: CacheStore | None = None
     redis: Any = None  # redis.asyncio.Redis
     experience: ExperienceLog | None = None
@@ -115,6 +141,8 @@ class Services:
             log.info("experience stream off (no VELO_REDIS_URL)")
         if settings.cache_enabled:
             await services._load_cache()
+            if settings.policy == "verified":
+                services.policy = services.verified_policy()
             if services.embedder is not None and settings.policy == "learned":
                 services._load_initial_policy()
         services._show_policy()
@@ -139,12 +167,54 @@ class Services:
         except Exception as exc:  # noqa: BLE001
             self.load_errors["store"] = f"{type(exc).__name__}: {exc}"
             log.error("cache store unavailable, semantic cache off: %s", exc)
+        if self.settings.policy != "threshold":
+            self._load_verifier()
+
+    def _load_verifier(self) -> None:
+        """The pair verifier; without it no semantic hit is served (only exact repeats), and readiness says so."""
+        from velo_proxy.verifier import PairVerifier
+
+        try:
+            verifier = PairVerifier(self.settings.verifier_dir, threads=self.settings.verifier_threads)
+        except Exception as exc:  # noqa: BLE001 - fail safe: no semantic hits
+            self.load_errors["verifier"] = f"{type(exc).__name__}: {exc}"
+            log.error("pair verifier unavailable, no semantic hits will be served: %s", exc)
+            return
+        if verifier.embedder_id and self.embedder is not None and verifier.embedder_id != self.embedder.id:
+            # its cosine floor and calibration were measured with another embedder's similarities
+            self.load_errors["verifier"] = (f"calibrated with embedder '{verifier.embedder_id}', "
+                                            f"serving uses '{self.embedder.id}'")
+            log.error("pair verifier refused: %s; no semantic hits will be served", self.load_errors["verifier"])
+            verifier.close()
+            return
+        if not verifier.calibration.get("thresholds"):
+            self.load_errors["verifier"] = "the verifier carries no calibration"
+            log.error("pair verifier refused: %s", self.load_errors["verifier"])
+            verifier.close()
+            return
+        self.verifier = verifier
+
+    def verify_rule(self):
+        """The serving rule for the operator's bound, or None without a verifier."""
+        return self.verifier.rule(self.settings.max_false_hit_rate) if self.verifier is not None else None
+
+    def verified_policy(self) -> VerifiedPolicy:
+        rule = self.verify_rule()
+        version = f"verified-{self.verifier.id}" if self.verifier is not None else "verified-unavailable"
+        if rule is not None and rule.threshold == float("inf"):
+            log.warning("no verifier threshold is calibrated for a false-hit bound of %g: no semantic hits",
+                        self.settings.max_false_hit_rate)
+        return VerifiedPolicy(rule=rule, version=version, top_p=self.settings.top_p_hits)
 
     # ----- policy -------------------------------------------------------------------------------
     def load_policy(self, path: Any, *, version: str | None = None) -> LearnedPolicy:
+        rule = None
+        if self.settings.verify_learned:
+            # without a verifier the rule is "never passes" (threshold inf): no unverified A
+            rule = self.verify_rule() or VerifyRule(cosine_floor=1.01, top_k=0, threshold=float("inf"))
         return LearnedPolicy(path, embedder_id=self.embedder.id, dim=self.embedder.dim,
                              max_false_hit_rate=self.settings.max_false_hit_rate,
-                             exploration_rate=self.settings.exploration_rate, version=version)
+                             exploration_rate=self.settings.exploration_rate, version=version, verify_rule=rule)
 
     def _load_initial_policy(self) -> None:
         """An explicitly configured policy must load (a mismatch stops the proxy with the reason);
@@ -212,6 +282,8 @@ class Services:
         await self.upstream.aclose()
         if self.embedder is not None:
             await self.embedder.aclose()
+        if self.verifier is not None:
+            self.verifier.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
         await self.exact.aclose()
@@ -230,6 +302,10 @@ class Services:
         if self.settings.cache_enabled:
             checks["embedder"] = (self.embedder is not None, self.load_errors.get("embedder", "loaded"))
             checks["store"] = (self.store is not None, self.load_errors.get("store", "open"))
+            if self.settings.policy != "threshold":
+                checks["verifier"] = (self.verifier is not None,
+                                      self.load_errors.get("verifier", f"loaded ({self.verifier.id})"
+                                                           if self.verifier is not None else "not loaded"))
         checks["policy"] = (True, self.policy.version + (f" (fallback: {self.load_errors['policy']})"
                                                          if "policy" in self.load_errors else ""))
         checks["experience"] = (True, f"on ({self.experience.key})" if self.experience else "off (no Redis)")

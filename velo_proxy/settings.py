@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger bodies get 413."
     )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline for reading a request body; a body not in by then gets 408 (connection closed)."
+    )
 
     # --- upstream ---------------------------------------------------------------------------
     upstream_base_url: str | None = Field(
@@ -90,6 +93,18 @@ class Settings(BaseSettings):
     )
     top_p_hits: int = Field(5, ge=1, le=64, description="Hits fetched per request (the policy's P).")
 
+    # --- pair verifier ----------------------------------------------------------------------
+    verifier_dir: Path = Field(
+        default_factory=lambda: default_home() / "models" / "pair-verifier",
+        description="Directory with the pair verifier (model.onnx + tokenizer.json + velo_verifier.json, written by "
+        "'velo-proxy models export').",
+    )
+    verifier_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for the pair verifier.")
+    verifier_timeout_ms: float = Field(
+        300.0, gt=0, description="Deadline of one verifier call; past it, no semantic hit (the request goes upstream).")
+    verify_learned: bool = Field(
+        True, description="Verify the learned policy's A decisions too (a hit the verifier rejects is forwarded).")
+
     # --- embedder ---------------------------------------------------------------------------
     embedder_dir: Path = Field(
         default_factory=lambda: default_home() / "models" / DEFAULT_EMBEDDER_NAME,
@@ -109,14 +124,17 @@ class Settings(BaseSettings):
     search_timeout_ms: float = Field(200.0, gt=0, description="Deadline of one vector search; past it, go upstream.")
 
     # --- policy -----------------------------------------------------------------------------
-    # threshold by default: the shipped LRS policy does not yet hold its calibrated bound on real
-    # paraphrase traffic (docs/benchmarks.md); `learned` runs it and enables the retraining loop.
-    policy: Literal["threshold", "learned"] = Field(
-        "threshold", description="Decision policy: 'threshold' (static cosine) or 'learned' (the ONNX LRS actor)."
+    # verified by default: a semantic hit is served only when the pair verifier, calibrated on
+    # stream-shaped data, stands behind it at the operator's false-hit bound (docs/benchmarks.md).
+    policy: Literal["verified", "threshold", "learned"] = Field(
+        "verified", description="Decision policy: 'verified' (pair verifier, calibrated for max_false_hit_rate), "
+        "'threshold' (plain cosine similarity, unverified) or 'learned' (the ONNX LRS actor, its hits verified)."
     )
     policy_path: Path | None = Field(None, description="ONNX LRS policy; unset: the one shipped in the package.")
     policy_dir: Path | None = Field(None, description="Directory the retrain job publishes to; watched for new versions.")
-    max_false_hit_rate: float = Field(0.02, gt=0, lt=1, description="Operator's bound on wrong cache hits (delta).")
+    max_false_hit_rate: float = Field(
+        0.02, gt=0, lt=1, description="Operator's bound on wrong cache hits (delta): picks the verifier's and the "
+        "learned policy's calibrated thresholds.")
     policy_reload_s: float = Field(10.0, gt=0, description="How often the policy directory is checked for a new version, seconds.")
     exploration_rate: float = Field(0.0, ge=0, le=1, description="Share of decisions sampled for exploration.")
     shadow_rate: float = Field(0.05, ge=0, le=1, description="Share of served answers re-asked upstream to verify.")

@@ -1,0 +1,204 @@
+"""The pair verifier: the rules that make near misses, the serving rule and its calibration, the export
+(torch vs onnxruntime parity, fp32 and int8) and a tiny end-to-end training run on tests/data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from policy import near_miss as N
+from policy import verifier_calibrate as C
+from velo_proxy.verifier import PairVerifier, VerifyRule, threshold_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----- rule-made near misses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("How do I convert a string to an int in Python?", "How do I convert an int to a string in Python?"),
+    ("What is the cheapest flight from London to New York?", "What is the cheapest flight from New York to London?"),
+    ("How do I transfer money from PayPal to my bank account?", "How do I transfer money from my bank account to PayPal?"),
+])
+def test_direction_swap_moves_whole_phrases(text, expected):
+    assert N.swap_direction(text, random.Random(0)) == expected
+
+
+def test_direction_swap_needs_two_different_ends():
+    assert N.swap_direction("Why is the sky blue?", random.Random(0)) is None
+    assert N.swap_direction("How to go from A to A?", random.Random(0)) is None
+
+
+def test_negation_antonym_number_entity():
+    rng = random.Random(0)
+    assert N.negate("Can I take ibuprofen with alcohol?", rng) == "Can I take ibuprofen without alcohol?"
+    assert N.antonym("What is the best phone?", rng) == "What is the worst phone?"
+    # a capitalised word inside the sentence is a name, not an adjective
+    assert N.antonym("Flights to New York", rng) is None
+    changed = N.change_number("Who won the World Cup in 2014?", rng)
+    assert changed != "Who won the World Cup in 2014?" and "201" in changed
+    entity = N.change_entity("How do I get a visa for Canada?", rng)
+    assert entity is not None and "Canada" not in entity
+
+
+def test_surface_rewrite_keeps_symmetric_pairs_and_phrasing():
+    rng = random.Random(1)
+    out = {N.surface_rewrite("What is the difference between Java and Python?", rng) for _ in range(20)}
+    assert "What is the difference between Python and Java?" in out
+    assert all(o and o != "What is the difference between Java and Python?" for o in out)
+
+
+def test_near_misses_are_all_different_from_the_text():
+    rng = random.Random(0)
+    for text in ("Which is the best phone under 20000 in India?", "Best way to move from India to Canada?"):
+        edits = N.near_misses(text, rng)
+        assert len(edits) >= 2
+        assert all(e.lower() != text.lower() for _, e in edits)
+
+
+# ----- the serving rule and its calibration ------------------------------------------------------------
+
+
+def test_verify_rule_takes_top_k_above_the_floor_and_serves_the_best_score():
+    rule = VerifyRule(cosine_floor=0.8, top_k=2, threshold=0.9)
+    assert rule.candidates([0.95, 0.85, 0.82, 0.5]) == [0, 1]
+    assert rule.candidates([0.79, 0.5]) == []
+    assert rule.choose([0, 1], [0.4, 0.95]) == 1
+    assert rule.choose([0, 1], [0.4, 0.89]) is None
+    assert rule.choose([], []) is None
+
+
+def test_threshold_for_takes_the_strictest_calibrated_bound_not_above_delta():
+    cal = {"thresholds": {"0.01": 0.99, "0.02": 0.97, "0.05": 0.9}}
+    assert threshold_for(cal, 0.02) == 0.97
+    assert threshold_for(cal, 0.03) == 0.97  # between two deltas: the stricter one
+    assert threshold_for(cal, 0.2) == 0.9
+    assert threshold_for(cal, 0.005) == float("inf")  # stricter than anything calibrated: never serve
+
+
+def test_clopper_pearson_upper_bound():
+    from scipy.stats import binom
+
+    assert C.upper_bound(0, 300) == pytest.approx(1 - 0.05 ** (1 / 300), rel=1e-6)  # ~ 3 / n
+    for false, hits in ((3, 200), (10, 1000), (1, 50)):
+        ub = C.upper_bound(false, hits)
+        assert false / hits < ub < 1
+        assert binom.cdf(false, hits, ub) == pytest.approx(0.05, abs=1e-6)  # the defining property
+    assert C.upper_bound(0, 0) == 1.0 and C.upper_bound(5, 5) == 1.0
+
+
+def _toy_workload() -> C.Prepared:
+    # requests 0..5; clusters: 0,1 same; 2 alone; 3 near miss of 0 (cluster 2); 4 same as 2; 5 same as 0
+    cluster = np.array([0, 0, 1, 2, 1, 0])
+    nbr = [[], [0], [0], [0, 1], [2, 3], [1, 0, 3]]
+    sim = [[], [0.95], [0.8], [0.97, 0.96], [0.9, 0.85], [0.96, 0.95, 0.9]]
+    score = [[], [0.99], [0.1], [0.6, 0.55], [0.97, 0.2], [0.98, 0.99, 0.3]]
+    return C.Prepared("toy", cluster, nbr, sim, score)
+
+
+def test_replay_serves_verified_hits_and_forwards_the_rest():
+    w = _toy_workload()
+    r = C.replay(w, VerifyRule(cosine_floor=0.75, top_k=3, threshold=0.9))
+    # 1 served from 0; 2 forwarded (0.1); 3 forwarded (near miss scored 0.6); 4 served from 2;
+    # 5: candidates are the cached ones (0 and 3; 1 was served, never cached) -> 0 (0.99)
+    assert r["served"].tolist() == [-1, 0, -1, -1, 2, 0]
+    assert (r["hits"], r["correct"], r["false"], r["positives"]) == (3, 3, 0, 3)
+    loose = C.replay(w, VerifyRule(cosine_floor=0.75, top_k=3, threshold=0.5))
+    assert loose["served"][3] == 0 and loose["false"] == 1  # the near miss is served when the bar is low
+    assert loose["unlabelled"] == 1 and loose["false_estimated"] == 1.0  # no label: counted wrong (weight 1)
+    labelled = C.Prepared("toy", w.cluster, w.nbr, w.sim, w.score, neg_edges={(0, 2)}, unlabelled_weight=0.2)
+    r = C.replay(labelled, VerifyRule(cosine_floor=0.75, top_k=3, threshold=0.5))
+    assert (r["labelled_wrong"], r["unlabelled"], r["false_estimated"]) == (1, 0, 1.0)
+    unl = C.Prepared("toy", w.cluster, w.nbr, w.sim, w.score, unlabelled_weight=0.2)
+    assert C.replay(unl, VerifyRule(cosine_floor=0.75, top_k=3, threshold=0.5))["false_estimated"] == 0.2
+
+
+def test_the_label_audit_is_read_with_its_upper_bounds():
+    unl = C.unlabelled_wrong_share(population="unlabelled")
+    lab = C.unlabelled_wrong_share(population="labelled_negative")
+    assert unl["audited"] >= 80 and lab["audited"] >= 50
+    assert 0 < unl["share"] < unl["upper"] < 1 and 0 < lab["share"] < lab["upper"] < 1
+    assert C.qqp_label_weights() == (lab["upper"], unl["upper"])
+
+
+def test_choose_thresholds_respects_the_pooled_bound_and_every_workload():
+    def row(t, hits, false, per):
+        return {"threshold": t, "hits": hits, "false": false, "correct": hits - false, "fhr": false / hits,
+                "ucb": C.upper_bound(false, hits), "workloads": per}
+
+    rows = [row(0.5, 1000, 60, {"a": {"fhr_estimated": 0.06}}),
+            row(0.9, 800, 8, {"a": {"fhr_estimated": 0.01}, "b": {"fhr_estimated": 0.03}}),
+            row(0.95, 600, 3, {"a": {"fhr_estimated": 0.005}, "b": {"fhr_estimated": 0.005}})]
+    chosen = C.choose_thresholds(rows, deltas=(0.01, 0.02, 0.1))
+    assert chosen["0.1"]["threshold"] == 0.5
+    assert chosen["0.02"]["threshold"] == 0.95  # 0.9 has a workload at 3 %
+    assert chosen["0.01"] is None  # 3 of 600 is 0.5 %, but its 95 % upper bound is 1.3 %: not proven
+
+
+# ----- the exported model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_fp32(tmp_path_factory):
+    from velo_proxy.verifier_export import export_verifier
+
+    return export_verifier(tmp_path_factory.mktemp("verifier") / "fp32", precision="fp32")
+
+
+def test_export_matches_torch_and_int8_keeps_the_ranking(exported_fp32, verifier_dir):
+    from velo_proxy.verifier_export import CARD_FILE, build_torch_module, check_parity, shipped_dir, WEIGHTS_FILE
+
+    module = build_torch_module(shipped_dir() / WEIGHTS_FILE)
+    assert check_parity(exported_fp32, module) <= 1e-4
+    meta = json.loads((exported_fp32 / "velo_verifier.json").read_text())
+    card = json.loads((shipped_dir() / CARD_FILE).read_text())
+    assert meta["precision"] == "fp32" and meta["embedder_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    fp32 = PairVerifier(exported_fp32)
+    shipped = PairVerifier(verifier_dir)  # the proxy's (exported by `velo-proxy models export`)
+    assert shipped.metadata["precision"] == card["precision"]
+    assert shipped.calibration["thresholds"] == card["calibration"][card["precision"]]["thresholds"]
+    pairs = [(json.loads(line)["cached"], json.loads(line)["asked"], json.loads(line)["same"])
+             for line in (REPO / "tests" / "data" / "near_misses.jsonl").read_text().splitlines()]
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    s32, s_shipped = fp32.score_pairs(a, b), shipped.score_pairs(a, b)
+    assert np.abs(s32 - s_shipped).max() < 0.1  # int8 moves scores a little, not the decisions' order much
+    assert np.corrcoef(s32, s_shipped)[0, 1] > 0.95
+    # batched and one at a time agree (padding does not leak into the score)
+    assert abs(float(fp32.score_pairs(a[:1], b[:1])[0]) - float(s32[0])) < 1e-5
+
+
+def test_verifier_refuses_a_missing_directory(tmp_path):
+    from velo_proxy.verifier import VerifierUnavailable
+
+    with pytest.raises(VerifierUnavailable, match="velo-proxy models export"):
+        PairVerifier(tmp_path / "nothing")
+
+
+# ----- training end to end, tiny ---------------------------------------------------------------------------
+
+
+def test_tiny_training_run_writes_weights_card_and_calibration(tmp_path, test_data):
+    env = {**os.environ, "VELO_DATASETS_DIR": str(test_data), "VELO_SIM_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "policy.verifier_train", "--tiny", "--out", str(out), "--no-progress"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "pair-verifier.json").read_text())
+    assert (out / "pair-verifier.safetensors").stat().st_size > 1_000_000
+    assert set(card["metrics"]) == {"fp32", "int8"} and card["precision"] in ("fp32", "int8")
+    assert card["curve"] and card["curve"][-1]["step"] >= 1
+    cal = card["calibration"][card["precision"]]
+    assert cal["cosine_floor"] == C.COSINE_FLOOR and cal["workloads"]
+    for delta, point in cal["points"].items():  # every chosen threshold holds its bound where it was fitted
+        if point is not None:
+            assert point["ucb"] <= float(delta) + 1e-9
+            assert all(w["fhr"] <= float(delta) + 1e-9 for w in point["workloads"].values())
+    assert "training pairs" in proc.stderr and "rule:" in proc.stderr

@@ -1,0 +1,167 @@
+"""The pair verifier: P(the cached answer answers the new question), read from both questions together.
+
+A sentence vector keeps the words of a question, not their order, direction or negation: "convert a
+string to an int" and "convert an int to a string" score 0.99 with MiniLM. The verifier is a
+cross-encoder (MiniLM's layers, fine-tuned by ``policy/verifier_train.py``) that reads
+``[CLS] new question [SEP] cached question [SEP]`` and returns a score in [0, 1].
+
+``PairVerifier`` runs the exported ONNX model with onnxruntime and the model's ``tokenizer.json``
+(no torch) on one dedicated worker thread, so the event loop never blocks on it. The serving rule is
+here too (``VerifyRule``), the one place the proxy, the calibration and the benchmarks take it from:
+verify at most ``top_k`` hits whose cosine similarity reaches ``cosine_floor``, in one batched call,
+and serve the best-scored one when its score reaches the threshold calibrated for the operator's
+false-hit bound (``threshold_for``).
+
+The model directory (written by ``velo-proxy models export``) holds ``model.onnx``,
+``tokenizer.json`` and ``velo_verifier.json`` (id, embedder id, max_length, precision, calibration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+METADATA_FILE = "velo_verifier.json"
+EXPORT_HINT = "run `velo-proxy models export` to create it (or set VELO_VERIFIER_DIR)"
+#: Characters of a question the verifier reads at most (the tokenizer keeps max_length tokens anyway;
+#: cutting first keeps a huge prompt from costing a huge tokenisation).
+MAX_CHARS = 2000
+
+
+class VerifierUnavailable(RuntimeError):
+    """The verifier cannot be loaded (missing or foreign files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyRule:
+    """Which hits are verified, and the score a served hit needs."""
+
+    cosine_floor: float
+    """Hits below this cosine similarity are never candidates (and never cost a verifier call)."""
+    top_k: int
+    """At most this many of the best hits above the floor are verified, in one batched call."""
+    threshold: float
+    """Serve the best-scored candidate when its verifier score reaches this."""
+
+    def candidates(self, similarities: Sequence[float]) -> list[int]:
+        """Indices (best first) of the hits worth verifying."""
+        return [i for i, s in enumerate(similarities) if s >= self.cosine_floor][: self.top_k]
+
+    def choose(self, indices: Sequence[int], scores: Sequence[float]) -> int | None:
+        """The hit to serve among verified ``indices`` with ``scores``, or None (forward)."""
+        if not len(indices):
+            return None
+        best = int(np.argmax(np.asarray(scores, dtype=np.float64)))
+        return int(indices[best]) if float(scores[best]) >= self.threshold else None
+
+
+def threshold_for(calibration: dict[str, Any], max_false_hit_rate: float) -> float:
+    """The score threshold calibrated for the largest tabulated delta not above the operator's bound
+    (a bound between two calibrated deltas takes the stricter one; below all of them: never serve).
+    ``calibration``: ``{"thresholds": {"0.02": 0.93, ...}, ...}``."""
+    rows = sorted((float(d), float(t)) for d, t in calibration.get("thresholds", {}).items())
+    eligible = [t for d, t in rows if d <= max_false_hit_rate + 1e-12]
+    return eligible[-1] if eligible else float("inf")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_CHARS else text[:MAX_CHARS]
+
+
+class PairVerifier:
+    """The exported cross-encoder on onnxruntime. ``score_sync(query, candidates)`` -> float32 [n]."""
+
+    def __init__(self, model_dir: Path, *, threads: int = 1) -> None:
+        self.model_dir = Path(model_dir).expanduser()
+        missing = [n for n in (MODEL_FILE, TOKENIZER_FILE, METADATA_FILE) if not (self.model_dir / n).is_file()]
+        if missing:
+            where = "does not exist" if not self.model_dir.is_dir() else f"lacks {', '.join(missing)}"
+            raise VerifierUnavailable(f"verifier directory {self.model_dir} {where}; {EXPORT_HINT}.")
+        try:
+            self.metadata: dict[str, Any] = json.loads((self.model_dir / METADATA_FILE).read_text(encoding="utf-8"))
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = max(1, int(threads))
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._session = ort.InferenceSession(str(self.model_dir / MODEL_FILE), sess_options=opts,
+                                                 providers=["CPUExecutionProvider"])
+            self._tokenizer = Tokenizer.from_file(str(self.model_dir / TOKENIZER_FILE))
+        except Exception as exc:  # noqa: BLE001 - corrupt or foreign files: same remedy
+            raise VerifierUnavailable(f"cannot load the verifier from {self.model_dir}: {exc}; {EXPORT_HINT}.") from exc
+        self.id = str(self.metadata.get("id", self.model_dir.name))
+        self.embedder_id = self.metadata.get("embedder_id")
+        self.max_length = int(self.metadata.get("max_length", 128))
+        self.calibration: dict[str, Any] = self.metadata.get("calibration") or {}
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self._tokenizer.enable_truncation(max_length=self.max_length, strategy="longest_first")
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._executor: ThreadPoolExecutor | None = None
+        self.calls = 0
+        self.pairs_scored = 0
+
+    def rule(self, max_false_hit_rate: float) -> VerifyRule:
+        """The serving rule calibrated for the operator's bound."""
+        return VerifyRule(cosine_floor=float(self.calibration.get("cosine_floor", 0.75)),
+                          top_k=int(self.calibration.get("top_k", 3)),
+                          threshold=threshold_for(self.calibration, max_false_hit_rate))
+
+    def encode(self, queries: Sequence[str], candidates: Sequence[str]) -> dict[str, np.ndarray]:
+        """The model's inputs for the pairs (queries[i], candidates[i]) (batch-padded, truncated)."""
+        encs = self._tokenizer.encode_batch([(_cut(q), _cut(c)) for q, c in zip(queries, candidates)])
+        feeds = {"input_ids": np.array([e.ids for e in encs], dtype=np.int64),
+                 "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64)}
+        return {k: v for k, v in feeds.items() if k in self._inputs}
+
+    def score_pairs(self, queries: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """Blocking: scores of (queries[i], candidates[i]), float32 [n]."""
+        if len(queries) != len(candidates):
+            raise ValueError("queries and candidates differ in length")
+        if not len(queries):
+            return np.zeros(0, dtype=np.float32)
+        (out,) = self._session.run(["score"], self.encode(queries, candidates))
+        self.calls += 1
+        self.pairs_scored += len(queries)
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def score_sync(self, query: str, candidates: Sequence[str]) -> np.ndarray:
+        return self.score_pairs([query] * len(candidates), list(candidates))
+
+    def score_many(self, queries: Sequence[str], candidates: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """Blocking bulk scoring for offline jobs (length-sorted batches pad little)."""
+        n = len(queries)
+        out = np.empty(n, dtype=np.float32)
+        order = sorted(range(n), key=lambda i: len(queries[i]) + len(candidates[i]))
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = self.score_pairs([queries[i] for i in idx], [candidates[i] for i in idx])
+        return out
+
+    async def score(self, query: str, candidates: Sequence[str]) -> np.ndarray:
+        """Scores of (query, candidate) for each candidate, in one onnxruntime call on the worker thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="velo-verify")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.score_sync, query, list(candidates))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
