@@ -99,15 +99,19 @@ def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert doc.read_text().count("<!-- quality:begin -->") == 1 and "again" in doc.read_text()
 
 
-def test_latency_smoke(tmp_path: Path) -> None:
+def test_latency_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_data_and_embedder()
+    # mechanics, not speed: on a busy machine a verifier call past its 300 ms deadline would turn the few
+    # semantic-hit bodies into misses (the proxy fails safe); the proxy subprocess inherits these
+    monkeypatch.setenv("VELO_VERIFIER_TIMEOUT_MS", "5000")
+    monkeypatch.setenv("VELO_EMBED_TIMEOUT_MS", "5000")
     if shutil.which("wrk") is None:
         pytest.fail("wrk not installed: run `make tools` (apt-get install -y wrk)")
     import latency
 
     out = tmp_path / "l.json"
     doc = tmp_path / "benchmarks.md"
-    argv = ["--sizes", "500", "--concurrency", "2", "--upstream-latency-ms", "20", "--hit-bodies", "40",
+    argv = ["--sizes", "500", "--concurrency", "2", "--upstream-latency-ms", "20", "--hit-bodies", "80",
             "--miss-bodies", "100", "--exact-bodies", "10", "--hit-seconds", "1", "--miss-seconds", "2",
             "--warmup", "10", "--ttfb-concurrency", "1", "--ttfb-requests", "5", "--qdrant-size", "0",
             "--no-gptcache", "--json", str(out), "--doc", str(doc), "--img-dir", str(tmp_path / "img")]
