@@ -675,10 +675,8 @@ def verified_rows(w: Workload, verifier: Any, pos: np.ndarray, wr: dict[str, Any
         m["threshold"] = t
         curve.append(m)
     wr["curves"]["verified"] = curve
-    for d in DELTAS:
-        t = cal["thresholds"].get(str(d))
-        if t is None:
-            continue
+    for key, t in sorted(cal["thresholds"].items(), key=lambda kv: float(kv[0])):  # every calibrated bound
+        d = float(key)
         t1 = time.perf_counter()
         o = outcome(float(t))
         o.seconds = time.perf_counter() - t1
@@ -760,10 +758,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 wr["lrs_actor_calls"] = lr.calls
             if verifier is not None and w.name != "paws-x":  # English-only verifier: PAWS-X is #16's
                 verified_rows(w, verifier, pos, wr)
-                for d in DELTAS:
-                    pt = wr["points"].get(f"verified δ={d:g}")
-                    if pt:
-                        print(f"  verified δ={d:g}: {pt['hit_rate']:.3f} hit, {pt['fhr']:.3f} FHR", file=sys.stderr, flush=True)
+                for name, pt in wr["points"].items():
+                    if name.startswith("verified"):
+                        print(f"  {name}: {pt['hit_rate']:.3f} hit, {pt['fhr']:.3f} FHR, estimate "
+                              f"{pt['fhr_estimated']:.3f}", file=sys.stderr, flush=True)
             # headline operating points on the real store
             systems: list[tuple[str, Any, Callable[..., Any] | None]] = []
             for t in STORE_THRESHOLDS:
@@ -820,8 +818,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             if verifier is not None:
                 from velo_proxy.policy import VerifiedPolicy
 
-                for d in DELTAS:
-                    pols[f"VELO verified δ={d:g}"] = VerifiedPolicy(rule=verifier.rule(d), version="bench", top_p=TOP_P)
+                for key in verifier.calibration["thresholds"]:
+                    pols[f"VELO verified δ={float(key):g}"] = VerifiedPolicy(rule=verifier.rule(float(key)), version="bench",
+                                                                            top_p=TOP_P)
             result["mock_protocol"] = mock_protocol(emb, mock, workdir=workdir, policies=pols,
                                                     gptcache=gpt_err is None, verifier=verifier)
     finally:
@@ -834,7 +833,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 # ----- report -------------------------------------------------------------------------------------------------
 
 
-SYSTEM_ORDER = ["verified δ=0.01", "verified δ=0.02", "verified δ=0.05",
+SYSTEM_ORDER = ["verified δ=0.01", "verified δ=0.02", "verified δ=0.05", "verified δ=0.1",
                 "threshold 0.95", "threshold 0.9", "threshold 0.85", "threshold 0.8", "threshold 0.7",
                 "GPTCache 0.95", "GPTCache 0.9", "GPTCache 0.8", "LRS δ=0.01", "LRS δ=0.02", "LRS δ=0.05",
                 "oracle (top-5)"]
@@ -875,8 +874,8 @@ def plot(result: dict[str, Any], img_dir: Path) -> list[str]:
                 ax.plot(100 * p["fhr"], 100 * p["hit_rate"], "D", color="C1", ms=5,
                         label="LRS calibrated δ=1/2/5 %" if pname.endswith("0.01") else None)
             elif pname.startswith("verified"):
-                ax.plot(100 * p["fhr"], 100 * p["hit_rate"], "*", color="C3", ms=8,
-                        label="verified, calibrated δ=1/2/5 %" if pname.endswith("0.01") else None)
+                ax.plot(100 * p.get("fhr_estimated", p["fhr"]), 100 * p["hit_rate"], "*", color="C3", ms=9,
+                        label=f"verified, calibrated ({pname.split()[-1]})")
             elif pname.startswith("oracle"):
                 ax.axhline(100 * p["hit_rate"], color="k", ls=":", lw=1, label="oracle (top-5 retrieval)")
         for d in DELTAS:
@@ -915,10 +914,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
         from policy.verifier_calibrate import upper_bound
 
         for name, wr in result["workloads"].items():
-            for d in DELTAS:
-                pt = wr["points"].get(f"verified δ={d:g}")
-                if pt is None:
+            for pname, pt in wr["points"].items():
+                if not pname.startswith("verified"):
                     continue
+                d = float(pname.split("=")[1])
                 est = pt.get("fhr_estimated", pt["fhr"])
                 ucb = upper_bound(math.ceil(est * pt["hits"] - 1e-9), pt["hits"])
                 rows.append([name, f"{100 * d:g} %", f"{100 * pt['hit_rate']:.1f} %", f"{pt['correct']:,} / {pt['false']:,}",
