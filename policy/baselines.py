@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from velo_proxy import features as F
+from velo_proxy.calibration import serving_actions
 
 A, B, C = F.ACTION_A, F.ACTION_B, F.ACTION_C
 
@@ -107,9 +108,6 @@ class NeuralPolicy:
 
 
 def decide(p: np.ndarray, tau: float | None) -> np.ndarray:
-    """Serving rule on action probabilities [B, 3]: argmax, or with a calibrated tau: A iff P(A) >= tau
-    (and A is available), else the better of B and C."""
-    if tau is None:
-        return np.argmax(p, axis=1)
-    bc = np.where(p[:, C] > p[:, B], C, B)
-    return np.where(p[:, A] >= tau, A, bc)
+    """The proxy's serving rule (``velo_proxy.calibration.serving_actions``) on action probabilities
+    [B, 3]: argmax, or with a calibrated tau: A iff P(A) >= tau, else the better of B and C."""
+    return serving_actions(p, tau)

@@ -16,6 +16,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from velo_proxy.calibration import DELTAS, NEVER_SERVE, delta_key
+
 from .data import Dataset
 from .sim import A, B, C, EdgeSim, SimConfig
 
@@ -86,15 +88,15 @@ def wilson_upper(k: float, n: float, z: float = 1.645) -> float:
     return float((centre + rad) / den)
 
 
-def calibrate(p_a: np.ndarray, relevant: np.ndarray, deltas=(0.005, 0.01, 0.02, 0.05, 0.1)) -> dict[str, float]:
+def calibrate(p_a: np.ndarray, relevant: np.ndarray, deltas=DELTAS) -> dict[str, float]:
     """For each delta the smallest tau such that, among validation decisions with P(A) >= tau, the
-    one-sided 95 % upper bound of the wrong-hit share is <= delta (tau = 1.01: never serve)."""
+    one-sided 95 % upper bound of the wrong-hit share is <= delta (tau = NEVER_SERVE when none is)."""
     order = np.argsort(-p_a)
     p_sorted, wrong = p_a[order], 1.0 - relevant[order]
     cum_wrong = np.cumsum(wrong)
     out = {}
     for d in deltas:
-        tau = 1.01
+        tau = NEVER_SERVE
         for n in range(len(p_sorted), 0, -1):
             # serving the top-n by P(A): threshold at p_sorted[n-1]; ties make the set larger, be safe
             if n < len(p_sorted) and p_sorted[n] == p_sorted[n - 1]:
@@ -102,7 +104,7 @@ def calibrate(p_a: np.ndarray, relevant: np.ndarray, deltas=(0.005, 0.01, 0.02, 
             if wilson_upper(cum_wrong[n - 1], n) <= d:
                 tau = float(p_sorted[n - 1])
                 break
-        out[f"{d:g}"] = tau
+        out[delta_key(d)] = tau
     return out
 
 
@@ -130,7 +132,7 @@ def paired_difference(a: dict, b: dict) -> dict:
     return {"mean": float(d.mean()), "se": se, "ahead": int((d > 0).sum()), "seeds": int(len(d))}
 
 
-def calibrate_rules(scores: dict[float, dict], deltas=(0.005, 0.01, 0.02, 0.05, 0.1)) -> tuple[dict[str, float], list]:
+def calibrate_rules(scores: dict[float, dict], deltas=DELTAS) -> tuple[dict[str, float], list]:
     """Calibration of the serving rule "A iff P(A) >= tau": ``scores`` maps candidate tau to the metrics
     of that rule run on validation (``evaluate_seeds``). For each delta, the smallest tau (the most
     serving) whose false-hit rate — wrong cache answers / all cache answers — has a one-sided 95 %
@@ -144,7 +146,7 @@ def calibrate_rules(scores: dict[float, dict], deltas=(0.005, 0.01, 0.02, 0.05, 
     out = {}
     for d in deltas:
         ok = [r["tau"] for r in table if r["false_hit_upper95"] <= d]
-        out[f"{d:g}"] = min(ok) if ok else 1.01
+        out[delta_key(d)] = min(ok) if ok else NEVER_SERVE
     return out, table
 
 

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from velo_proxy.calibration import DELTAS, NEVER_SERVE, calibration_record, delta_key
+
 REPO = Path(__file__).resolve().parent.parent
 WS = (0.01, 0.1, 1.0)
 EDGES = (2, 3, 4, 5)
 MODES = ("nearest", "all")
-DELTAS = (0.005, 0.01, 0.02, 0.05, 0.1)
 LEARNED = ("lrs", "t-mappo", "g-mappo", "mappo")
 LABEL = {"lrs": "LRS", "t-mappo": "T-MAPPO", "g-mappo": "G-MAPPO", "mappo": "MAPPO"}
 POLICY_VERSION = "lrs-default-3"
@@ -87,22 +88,17 @@ def calibrate_actor(data, actor, val_cfg, eval_steps: int) -> dict:
     from .evaluate import calibrate_rules, collect_calibration, evaluate_seeds, quantile_thresholds
 
     rec = collect_calibration(data, NeuralPolicy(actor, "LRS"), val_cfg, eval_steps, seed=CAL_SEEDS[0])
-    cands = sorted({1.01, *quantile_thresholds(rec["p_a"], [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999])})
+    cands = sorted({NEVER_SERVE, *quantile_thresholds(rec["p_a"], [0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999])})
     scores = {t: evaluate_seeds(data, NeuralPolicy(actor, "LRS", tau=t), val_cfg, eval_steps, CAL_SEEDS) for t in cands}
     tau_r = max(scores, key=lambda t: scores[t]["reward"])
     taus, cal_table = calibrate_rules(scores, DELTAS)
-    return {
-        "format": 1,
-        "rule": "serve A iff action_probs[A] >= thresholds[delta]; otherwise the more probable of B and C",
-        "reward_threshold_rule": "same rule with tau = reward_threshold: the reward-maximising tau on validation",
-        "default_delta": 0.02,
-        "thresholds": taus,
-        "w": val_cfg.qos.w,
-        "false_hit_rate": "wrong cache answers / all cache answers (exact tier included), one-sided 95 % Wilson "
-                          "upper bound on validation <= delta",
-        "validation": cal_table,
-        "reward_threshold": float(tau_r),
-    }
+    return calibration_record(
+        taus, default_delta=0.02,
+        reward_threshold_rule="same rule with tau = reward_threshold: the reward-maximising tau on validation",
+        w=val_cfg.qos.w,
+        false_hit_rate="wrong cache answers / all cache answers (exact tier included), one-sided 95 % Wilson "
+                       "upper bound on validation <= delta",
+        validation=cal_table, reward_threshold=float(tau_r))
 
 
 def _methods(actors, w, threshold, taus):
@@ -262,7 +258,7 @@ def main(argv=None) -> None:
     # ---- calibration check on test ----
     cal_rows = []
     for d in DELTAS:
-        tau = calibrations[0.1]["thresholds"][f"{d:g}"]
+        tau = calibrations[0.1]["thresholds"][delta_key(d)]
         m = evaluate_seeds(data, NeuralPolicy(actors[("lrs", 0.1)], f"LRS δ={d:g}", tau=tau), cfg_for(0.1), eval_steps, SEEDS)
         cal_rows.append((d, tau, m))
 

@@ -43,7 +43,9 @@ import torch
 
 from velo_proxy import features as F
 from velo_proxy.experience import decode_observation, read_all_streams
-from velo_proxy.policy import PolicyDirectory, default_policy_path
+from velo_proxy.calibration import calibration_record, serve_threshold
+from velo_proxy.policy import default_policy_path
+from velo_proxy.policy_dir import PolicyDirectory
 
 from .baselines import GreedyLLM, NeuralPolicy
 from .data import DataSpec, retrain_spec
@@ -63,7 +65,7 @@ class RetrainConfig:
     redis_url: str
     """Redis holding the agents' experience streams."""
     policy_dir: Path
-    """Where versions are published (``CURRENT`` + ``versions/``); the proxies watch it."""
+    """Where versions are published (``velo_proxy.policy_dir``); the proxies watch it."""
     w: float = 0.1
     """QoS trade-off phi2 / phi1 (Eq. 11) the policy optimises."""
     epochs: int = 30
@@ -173,11 +175,10 @@ def snips_value(actor: torch.nn.Module, logged: Logged, tau: float) -> float:
 
 
 def current_checkpoint(directory: PolicyDirectory) -> tuple[Path, str]:
-    pointer = directory.current()
-    if pointer is not None and pointer.get("checkpoint"):
-        path = directory.root / "versions" / pointer["checkpoint"]
-        if path.exists():
-            return path, pointer["version"]
+    """Where fine-tuning starts: the published version's checkpoint, else the shipped policy's."""
+    published = directory.checkpoint()
+    if published is not None:
+        return published
     shipped = default_policy_path().with_suffix(".pt")
     return shipped, "lrs-default"
 
@@ -313,7 +314,8 @@ def run(cfg: RetrainConfig) -> dict:
     def calibrated(actor) -> tuple[float, dict]:
         cal = collect_calibration(data, NeuralPolicy(actor, "x"), replace(sim_cfg, split="val"), cfg.eval_steps)
         thresholds = calibrate(cal["p_a"], cal["relevant"])
-        return thresholds[f"{cfg.max_false_hit_rate:g}"], thresholds
+        # the tau the proxies will read from this table for the operator's bound
+        return serve_threshold({"thresholds": thresholds}, cfg.max_false_hit_rate), thresholds
 
     results = {}
     for name, actor in (("current", current), ("candidate", candidate)):
@@ -332,9 +334,8 @@ def run(cfg: RetrainConfig) -> dict:
 
     # 5. publish: export with calibration, parity check, atomic write of the version and CURRENT
     version = time.strftime("lrs-%Y%m%dT%H%M%SZ", time.gmtime())
-    calibration = {"format": 1, "rule": "serve A iff action_probs[A] >= thresholds[delta]; otherwise the more "
-                   "probable of B and C", "default_delta": cfg.max_false_hit_rate,
-                   "thresholds": results["candidate"]["thresholds"], "w": cfg.w, "retrained_from": current_version}
+    calibration = calibration_record(results["candidate"]["thresholds"], default_delta=cfg.max_false_hit_rate,
+                                     w=cfg.w, retrained_from=current_version)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, pt_path = Path(tmp) / f"{version}.onnx", Path(tmp) / f"{version}.pt"
         export_onnx(candidate, onnx_path, dim=meta["dim"], top_p=meta["top_p"], embedder_id=meta["embedder_id"],
@@ -344,11 +345,8 @@ def run(cfg: RetrainConfig) -> dict:
             report["reason"] = f"export parity {report['parity']:.2e} > 1e-5"
             return report
         save_actor(candidate, pt_path, {**meta, "retrained_from": current_version})
-        (directory.root / "versions").mkdir(parents=True, exist_ok=True)
-        (directory.root / "versions" / pt_path.name).write_bytes(pt_path.read_bytes())
-        directory.publish(onnx_path.read_bytes(), version=version, info={
-            "checkpoint": pt_path.name, "published_at": time.time(), "retrained_from": current_version,
-            "evaluation": results})
+        directory.publish(onnx_path.read_bytes(), version=version, checkpoint=pt_path.read_bytes(), info={
+            "published_at": time.time(), "retrained_from": current_version, "evaluation": results})
     report.update(published=True, version=version, seconds=round(time.time() - t0, 1))
     return report
 

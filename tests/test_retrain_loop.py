@@ -35,13 +35,13 @@ def untrained_policy_dir(tmp_path):
     torch.manual_seed(3)
     actor = make_actor("transformer", 384, F.K, 5)
     directory = PolicyDirectory(tmp_path / "policies")
-    versions = directory.root / "versions"
-    versions.mkdir(parents=True)
     meta = {"arch": "transformer", "dim": 384, "k": F.K, "top_p": 5, "embedder_id": EMBEDDER_ID}
-    save_actor(actor, versions / "lrs-v0.pt", meta)
+    save_actor(actor, tmp_path / "v0.pt", meta)
     export_onnx(actor, tmp_path / "v0.onnx", dim=384, top_p=5, embedder_id=EMBEDDER_ID, policy_version="lrs-v0",
                 calibration={"format": 1, "thresholds": {"0.02": 0.2}})
-    directory.publish((tmp_path / "v0.onnx").read_bytes(), version="lrs-v0", info={"checkpoint": "lrs-v0.pt"})
+    directory.publish((tmp_path / "v0.onnx").read_bytes(), version="lrs-v0",
+                      checkpoint=(tmp_path / "v0.pt").read_bytes())
+    assert directory.checkpoint() == (directory.versions / "lrs-v0.pt", "lrs-v0")
     return directory
 
 
@@ -78,6 +78,9 @@ def test_experience_to_retrain_to_hot_reload(make_proxy, embedder_dir, redis_ser
     assert report["parity"] <= 1e-5
     pointer = untrained_policy_dir.current()
     assert pointer["version"] == report["version"] and pointer["retrained_from"] == "lrs-v0"
+    # the next retrain starts from this version's checkpoint, published next to it
+    assert untrained_policy_dir.checkpoint() == (untrained_policy_dir.versions / f"{report['version']}.pt",
+                                                 report["version"])
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

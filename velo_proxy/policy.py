@@ -19,17 +19,19 @@ from __future__ import annotations
 import abc
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from velo_proxy import features as F
+# the serving rule's calibration and the policy directory have homes of their own, shared with policy/;
+# re-exported because callers import them from here
+from velo_proxy.calibration import serve_threshold  # noqa: F401
+from velo_proxy.policy_dir import CURRENT, PolicyDirectory  # noqa: F401
 from velo_proxy.store.base import Hit
 from velo_proxy.verifier import VerifyRule
 
@@ -113,17 +115,6 @@ class PolicyMismatch(ValueError):
 
 def default_policy_path() -> Path:
     return Path(str(resources.files("velo_proxy") / "policies" / "lrs-default.onnx"))
-
-
-def serve_threshold(calibration: dict[str, Any], max_false_hit_rate: float) -> float:
-    """The P(A) threshold calibrated for the largest tabulated delta not above the operator's bound
-    (conservative: a bound between two calibrated deltas uses the stricter one). ``calibration`` is
-    the export's ``velo_calibration`` JSON: ``{"thresholds": {"0.02": 0.88, ...}, ...}``."""
-    rows = sorted((float(delta), float(threshold)) for delta, threshold in calibration["thresholds"].items())
-    eligible = [threshold for delta, threshold in rows if delta <= max_false_hit_rate + 1e-12]
-    if not eligible:
-        return 1.01  # stricter than anything calibrated: never serve from the cache
-    return eligible[-1]
 
 
 class LearnedPolicy(Policy):
@@ -224,48 +215,3 @@ class LearnedPolicy(Policy):
         score = (scores or {}).get(index) if index is not None and entry is not None else _best_score(scores)
         return Decision(ACTIONS[chosen], entry, float(probability), tuple(float(x) for x in p), observation, explored,
                         now, verifier_score=score, vetoed=vetoed)
-
-
-# ----- publishing and hot reload ------------------------------------------------------------------
-
-CURRENT = "CURRENT"
-
-
-class PolicyDirectory:
-    """A directory of published policy versions: ``versions/<version>.onnx`` plus a ``CURRENT``
-    pointer (JSON: version, file, published_at, metrics). Both are written atomically (temp file +
-    rename), so a reader sees the old version or the new one, never half a file."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def current(self) -> dict[str, Any] | None:
-        try:
-            pointer = json.loads((self.root / CURRENT).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        pointer["path"] = str(self.root / "versions" / pointer["file"])
-        return pointer
-
-    def publish(self, onnx_bytes: bytes, *, version: str, info: dict[str, Any] | None = None) -> Path:
-        versions = self.root / "versions"
-        versions.mkdir(parents=True, exist_ok=True)
-        target = versions / f"{version}.onnx"
-        _atomic_write(target, onnx_bytes)
-        pointer = {"version": version, "file": target.name, **(info or {})}
-        _atomic_write(self.root / CURRENT, json.dumps(pointer, indent=2).encode())
-        return target
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
