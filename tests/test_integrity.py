@@ -142,6 +142,70 @@ def test_raw_tap_reads_split_and_compressed_bodies():
     assert tap.finish_reasons() is None  # unreadable: never taken as "finished"
 
 
+def test_raw_tap_reads_the_anthropic_wire_format():
+    events = (b'event: message_start\ndata: {"type": "message_start", "message": {"stop_reason": null}}\n\n'
+              b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, '
+              b'"delta": {"type": "text_delta", "text": "hi"}}\n\n'
+              b'event: message_delta\ndata: {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}\n\n'
+              b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
+    tap = RawTap("anthropic")
+    tap.response(httpx.Headers({"content-type": "text/event-stream"}))
+    for i in range(0, len(events), 5):
+        tap.feed(events[i:i + 5])
+        if i + 5 < len(events) - 40:
+            assert not tap.done  # complete only with message_stop
+    assert tap.finish_reasons() == {0: "stop"} and tap.done
+
+    for raw, said in (("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
+                      ("tool_use", "tool_calls"), ("pause_turn", "pause_turn"), (None, None)):
+        tap.response(httpx.Headers({"content-type": "application/json"}))
+        tap.feed(json.dumps({"type": "message", "content": [], "stop_reason": raw}).encode())
+        assert tap.finish_reasons() == {0: said}, raw
+    tap.response(httpx.Headers({"content-type": "application/json"}))
+    tap.feed(b'{"type": "error", "error": {"type": "overloaded_error"}}')
+    assert tap.finish_reasons() == {}
+
+
+# Anthropic targets: the fake upstream's /v1/messages, model -> (finish_reasons the client sees as JSON,
+# as a stream, whether the stream ends with [DONE], whether the answer is cached (JSON, stream))
+ANTHROPIC = {
+    "fake-model": (["stop"], ["stop"], True, (True, True)),
+    "fake-length": (["length"], ["length"], True, (False, False)),
+    "fake-pause": (["pause_turn"], ["pause_turn"], True, (False, False)),  # litellm alone: "stop"
+    "fake-no-finish": ([None], [], True, (False, False)),  # litellm alone: "stop"
+    "fake-no-done": (["stop"], ["stop"], False, (True, False)),  # stop reason, but no message_stop
+    "fake-truncated": ([None], [], False, (False, False)),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_targets_are_judged_by_their_own_stop_reason(make_proxy, embedder_dir, fake_upstream,
+                                                               upstream_requests, monkeypatch, stream):
+    """An ``anthropic/...`` target is read through the same tapped client: its answer is cached only
+    when the Messages API itself said ``end_turn`` (for a stream, also its closing ``message_stop``),
+    not because litellm reports "stop" for a stop reason it does not know or for none at all."""
+    monkeypatch.setenv("ANTHROPIC_API_BASE", fake_upstream.url)  # litellm's base for anthropic/ targets
+    proxy = make_proxy(admin_key=ADMIN, similarity_threshold=0.9,
+                       model_map={model: f"anthropic/{model}" for model in ANTHROPIC})
+    question = {model: f"How deep is the ocean, asked of {model} as {'a stream' if stream else 'JSON'}?"
+                for model in ANTHROPIC}
+    for model, (json_finishes, stream_finishes, _, _) in ANTHROPIC.items():
+        text, seen, action = ask(proxy, model, question[model], stream=stream)
+        assert action == "B" and text.endswith(f"Answer to: {question[model]}"), model
+        assert seen == (stream_finishes if stream else json_finishes), model
+    assert all(r["headers"]["x-api-key"] == UPSTREAM_KEY for r in upstream_requests)
+    assert {r["body"]["model"] for r in upstream_requests} == set(ANTHROPIC)
+    cached = [model for model, spec in ANTHROPIC.items() if spec[3][stream]]
+    assert settle(proxy)["store"]["entries"] == len(cached)
+    for model, (_, _, done, _) in ANTHROPIC.items():  # only what the upstream said was complete comes back
+        if stream:  # on the wire: [DONE] only where the upstream sent message_stop
+            lines, again = raw_sse(proxy, model, question[model])
+            assert (lines[-1] == "data: [DONE]") is (done or model in cached), model
+        else:
+            _, _, again = ask(proxy, model, question[model], stream=stream)
+        assert again == ("exact" if model in cached else "B"), model
+
+
 @pytest.mark.parametrize("target", ["openai/fake-model", "hosted_vllm/fake-model"])
 def test_client_fields_never_become_litellm_arguments(make_proxy, embedder_dir, upstream_requests, target):
     """Fields litellm reads as its own arguments are relayed to the upstream as plain unknown fields:

@@ -49,8 +49,20 @@ def _litellm():
 # read (an unknown content-encoding, a body that is not JSON) counts as "not said": relayed, never
 # cached. The tap of a call is found through a context variable set around the litellm call; the
 # client reads it when the request goes out, in the caller's context.
+#
+# Anthropic targets (``anthropic/...``) go through the same client: litellm's Anthropic handler takes
+# our AsyncHTTPHandler, and the tap reads the Messages API's own account (``stop_reason`` in the JSON;
+# for a stream, the ``message_delta`` event's ``stop_reason`` and the closing ``message_stop`` event)
+# instead of litellm's mapping, which turns any stop reason it does not know (``pause_turn``) into "stop".
 _TAP: ContextVar["RawTap | None"] = ContextVar("velo_raw_tap", default=None)
-_TAPPED_PROVIDERS = ("openai", "hosted_vllm")  # OpenAI-compatible wire format, through our client
+OPENAI_WIRE, ANTHROPIC_WIRE = "openai", "anthropic"
+_WIRE_OF_PROVIDER = {"openai": OPENAI_WIRE, "hosted_vllm": OPENAI_WIRE, "anthropic": ANTHROPIC_WIRE}
+# Anthropic's stop reasons in OpenAI's words (litellm's own mapping, for the values it knows); any
+# other value is relayed as sent and, not being "stop", is never cached.
+_ANTHROPIC_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+                     "refusal": "content_filter", "compaction": "length"}
+# What the proxy reads past the point where litellm stopped reading a stream, at most.
+_DRAIN_MAX_BYTES = 64 * 1024
 
 # The request fields of OpenAI's chat completions API (passed to litellm as arguments; see _kwargs).
 _OPENAI_CHAT_FIELDS = frozenset({
@@ -64,13 +76,17 @@ _OPENAI_CHAT_FIELDS = frozenset({
 
 class RawTap:
     """The upstream's own account of one call: each choice's ``finish_reason`` as sent (None when
-    null or absent) and, for a stream, whether the ``[DONE]`` marker came."""
+    null or absent) and, for a stream, whether its end marker came (OpenAI: ``[DONE]``; Anthropic:
+    ``message_stop``). ``wire`` is the format of the bytes; Anthropic's single answer is choice 0 and
+    its stop reason is given in OpenAI's words."""
 
-    def __init__(self) -> None:
+    def __init__(self, wire: str = OPENAI_WIRE) -> None:
+        self.wire = wire
         self.requests = 0  # requests sent (0: litellm failed before sending anything)
         self._reset("")
 
     def _reset(self, content_type: str, encoding: str = "") -> None:
+        self._body: _TeeStream | None = None
         self.sse = content_type.startswith("text/event-stream")
         self.readable = True
         self.done = False
@@ -86,9 +102,21 @@ class RawTap:
         elif encoding not in ("", "identity"):
             self.readable = False  # br, zstd, ...: we asked for gzip/deflate only
 
-    def response(self, headers: httpx.Headers) -> None:
+    def response(self, headers: httpx.Headers, body: "_TeeStream | None" = None) -> None:
         """A new response (a retry replaces the previous one)."""
         self._reset(headers.get("content-type", ""), headers.get("content-encoding", ""))
+        self._body = body
+
+    async def drain(self) -> None:
+        """Read what the parser left of a stream's body: litellm's Anthropic stream stops at the
+        stop reason, before the ``message_stop`` event that says the stream is complete. Failing to
+        read it leaves the stream unfinished (relayed, never cached)."""
+        if self._body is None or self.done:
+            return
+        try:
+            await self._body.drain(_DRAIN_MAX_BYTES)
+        except Exception as exc:  # noqa: BLE001
+            log.info("could not read the rest of the upstream stream: %s", exc)
 
     def feed(self, data: bytes) -> None:
         if not self.readable:
@@ -117,7 +145,16 @@ class RawTap:
             event = json.loads(payload)
         except ValueError:
             return
-        choices = event.get("choices") if isinstance(event, dict) else None
+        if not isinstance(event, dict):
+            return
+        if self.wire == ANTHROPIC_WIRE:
+            delta = event.get("delta")
+            if event.get("type") == "message_delta" and isinstance(delta, dict) and delta.get("stop_reason"):
+                self._finish[0] = _anthropic_finish(delta["stop_reason"])
+            elif event.get("type") == "message_stop":
+                self.done = True
+            return
+        choices = event.get("choices")
         for position, choice in enumerate(choices if isinstance(choices, list) else []):
             if isinstance(choice, dict) and choice.get("finish_reason") is not None:
                 self._finish[_choice_index(choice, position)] = choice["finish_reason"]
@@ -134,11 +171,21 @@ class RawTap:
             except ValueError:
                 self.readable = False
                 return None
+            if self.wire == ANTHROPIC_WIRE:
+                if isinstance(body, dict) and body.get("type") == "message":
+                    self._finish[0] = _anthropic_finish(body.get("stop_reason"))
+                return self._finish
             choices = body.get("choices") if isinstance(body, dict) else None
             for position, choice in enumerate(choices if isinstance(choices, list) else []):
                 if isinstance(choice, dict):
                     self._finish[_choice_index(choice, position)] = choice.get("finish_reason")
         return self._finish
+
+
+def _anthropic_finish(stop_reason: Any) -> str | None:
+    if not isinstance(stop_reason, str) or not stop_reason:
+        return None
+    return _ANTHROPIC_FINISH.get(stop_reason, stop_reason)
 
 
 def _choice_index(choice: dict[str, Any], position: int) -> int:
@@ -150,11 +197,29 @@ class _TeeStream(httpx.AsyncByteStream):
     def __init__(self, inner: httpx.AsyncByteStream, tap: RawTap) -> None:
         self._inner = inner
         self._tap = tap
+        self._chunks: AsyncIterator[bytes] | None = None  # one iterator of the body, shared with ``drain``
+
+    def _source(self) -> AsyncIterator[bytes]:
+        if self._chunks is None:
+            self._chunks = self._inner.__aiter__()
+        return self._chunks
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
+        async for chunk in self._source():
             self._tap.feed(chunk)
             yield chunk
+
+    async def drain(self, max_bytes: int) -> None:
+        """Read on where the reader stopped, up to the tap's end marker, the body's end or
+        ``max_bytes``. Called only while the reader is not reading (its stream ended)."""
+        source, read = self._source(), 0
+        while read < max_bytes and not self._tap.done:
+            try:
+                chunk = await source.__anext__()
+            except StopAsyncIteration:
+                return
+            self._tap.feed(chunk)
+            read += len(chunk)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -172,8 +237,8 @@ class TappedClient(httpx.AsyncClient):
             return await super().send(request, stream=stream, **kwargs)
         tap.requests += 1
         response = await super().send(request, stream=True, **kwargs)
-        tap.response(response.headers)
-        response.stream = _TeeStream(response.stream, tap)  # the raw (still encoded) body
+        response.stream = body = _TeeStream(response.stream, tap)  # the raw (still encoded) body
+        tap.response(response.headers, body)
         if not stream:
             try:
                 await response.aread()
@@ -280,13 +345,13 @@ class UpstreamStream:
 
     @property
     def end_marker(self) -> bool:
-        """Whether to send ``[DONE]``: the upstream did (or its bytes are not ours to read)."""
+        """Whether to send ``[DONE]``: the upstream ended its stream (or its bytes are not ours to read)."""
         return self._tap is None or not self._tap.readable or self._tap.done
 
     @property
     def finished(self) -> bool:
         """The upstream itself said the answer is complete: finish_reason "stop" and, when we read
-        its bytes, the [DONE] marker. Only such a stream may be cached."""
+        its bytes, its end marker. Only such a stream may be cached."""
         if self._tap is not None and not (self._tap.readable and self._tap.done):
             return False
         return self._finish == "stop"
@@ -315,6 +380,8 @@ class UpstreamStream:
             try:
                 chunk = await self._iterator.__anext__()
             except StopAsyncIteration:
+                if self._tap is not None:
+                    await self._tap.drain()
                 return
             except Exception as exc:  # noqa: BLE001
                 raise map_upstream_error(exc) from exc
@@ -402,27 +469,29 @@ class Upstream:
         if provider == "openai" and self._openai is not None:
             kwargs["client"] = self._openai.with_options(api_key=kwargs["api_key"],
                                                          base_url=target.api_base or self._openai.base_url)
-        elif provider == "hosted_vllm" and self._handler is not None:
+        elif provider in ("hosted_vllm", "anthropic") and self._handler is not None:
             kwargs["client"] = self._handler
         return kwargs
 
     def _tap(self, target: Target) -> RawTap | None:
-        """A tap for targets whose bytes we read; None for other providers, whose answers are taken
-        as litellm reports them (their wire formats have no OpenAI finish_reason to read)."""
-        tapped = self._llm_http is not None and target.litellm_model.split("/", 1)[0] in _TAPPED_PROVIDERS
-        return RawTap() if tapped else None
+        """A tap for targets whose bytes we read (OpenAI-compatible and Anthropic wire formats); None
+        for other providers, whose answers are taken as litellm reports them."""
+        wire = _WIRE_OF_PROVIDER.get(target.litellm_model.split("/", 1)[0])
+        return RawTap(wire) if wire is not None and self._llm_http is not None else None
 
-    async def complete(self, payload: dict[str, Any], *, client_key: str | None = None) -> dict[str, Any]:
+    async def complete(self, payload: dict[str, Any], *, target: Target | None = None,
+                       client_key: str | None = None) -> dict[str, Any]:
         """One non-streaming completion, as a plain OpenAI ``chat.completion`` dict."""
-        data, _ = await self.complete_checked(payload, client_key=client_key)
+        data, _ = await self.complete_checked(payload, target=target, client_key=client_key)
         return data
 
-    async def complete_checked(self, payload: dict[str, Any], *,
+    async def complete_checked(self, payload: dict[str, Any], *, target: Target | None = None,
                                client_key: str | None = None) -> tuple[dict[str, Any], bool]:
         """One non-streaming completion, and whether the upstream itself said it finished
         (``finish_reason`` "stop" in its own bytes): only such an answer may be cached. The
-        finish reasons the client gets are the upstream's, not litellm's normalised ones."""
-        target = self.resolve(payload["model"])
+        finish reasons the client gets are the upstream's, not litellm's normalised ones.
+        ``target``: the model as already resolved for this request (default: resolve it)."""
+        target = target or self.resolve(payload["model"])
         litellm = _litellm()
         tap = self._tap(target)
         token = _TAP.set(tap)
@@ -444,10 +513,11 @@ class Upstream:
             choice["finish_reason"] = said.get(_choice_index(choice, position))
         return data, bool(choices) and choices[0].get("finish_reason") == "stop"
 
-    async def stream(self, payload: dict[str, Any], *, client_key: str | None = None) -> "UpstreamStream":
+    async def stream(self, payload: dict[str, Any], *, target: Target | None = None,
+                     client_key: str | None = None) -> "UpstreamStream":
         """Open a stream; errors before the first chunk raise here (so the client gets a status),
         errors after it raise from the returned iterator."""
-        target = self.resolve(payload["model"])
+        target = target or self.resolve(payload["model"])
         litellm = _litellm()
         kwargs = self._kwargs(payload, target, client_key)
         kwargs["stream"] = True

@@ -16,6 +16,16 @@ Behaviour is chosen by the model name:
     fake-random           answers with an unrelated sentence (a cached answer that a fresh one contradicts)
     anything else         answers normally, after the server's base latency
 
+``POST /v1/messages`` speaks Anthropic's Messages API (``x-api-key`` auth; stop reason ``end_turn``, and
+for streams the ``message_delta`` / ``message_stop`` events), for ``anthropic/<model>`` targets:
+
+    fake-length           stop_reason "max_tokens"
+    fake-pause            stop_reason "pause_turn" (litellm, not knowing it, reports "stop")
+    fake-no-finish        stop_reason null (streams: no stop reason in message_delta), message_stop sent
+    fake-no-done          stop_reason "end_turn", but the stream ends without message_stop
+    fake-truncated        no stop reason and (streams) no message_stop: the body just ends cleanly
+    anything else         stop_reason "end_turn"
+
 Run it: ``python -m velo_proxy.devtools.fake_upstream --port 8001 --latency-ms 500``.
 """
 
@@ -140,6 +150,46 @@ def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None,
                                              "model": model, "choices": [], "usage": usage}) + "\n\n"
             if send_done:
                 yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        if api_key is not None and request.headers.get("x-api-key") != api_key:
+            return JSONResponse({"type": "error", "error": {"type": "authentication_error",
+                                                            "message": "invalid x-api-key"}}, status_code=401)
+        body = await request.json()
+        app.state.requests.append({"headers": dict(request.headers), "body": body})
+        model = str(body.get("model", ""))
+        n = next(counter)
+        text = f"[{n}] Answer to: {_last_user_text(body)}"
+        stop_reason = {"fake-length": "max_tokens", "fake-pause": "pause_turn", "fake-no-finish": None,
+                       "fake-truncated": None}.get(model, "end_turn")
+        send_stop = model not in ("fake-no-done", "fake-truncated")
+        usage = {"input_tokens": 10, "output_tokens": len(text.split())}
+        mid = f"msg_fake_{n}"
+        if not body.get("stream"):
+            return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": model,
+                                 "content": [{"type": "text", "text": text}], "stop_reason": stop_reason,
+                                 "stop_sequence": None, "usage": usage})
+
+        def event(kind: str, **data: Any) -> str:
+            return f"event: {kind}\ndata: " + json.dumps({"type": kind, **data}) + "\n\n"
+
+        async def events():
+            yield event("message_start", message={"id": mid, "type": "message", "role": "assistant", "model": model,
+                                                  "content": [], "stop_reason": None, "stop_sequence": None,
+                                                  "usage": {"input_tokens": 10, "output_tokens": 1}})
+            yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            for i, word in enumerate(text.split(" ")):
+                yield event("content_block_delta", index=0,
+                            delta={"type": "text_delta", "text": word if i == 0 else " " + word})
+            yield event("content_block_stop", index=0)
+            if model != "fake-truncated":
+                yield event("message_delta", delta={"stop_reason": stop_reason, "stop_sequence": None},
+                            usage={"output_tokens": usage["output_tokens"]})
+            if send_stop:
+                yield event("message_stop")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
