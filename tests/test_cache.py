@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from velo_proxy.state import app_state
+
 ADMIN = "admin-key-for-tests"
 THRESHOLD = 0.9
 
@@ -317,7 +319,7 @@ def test_broken_store_fails_open(cache_proxy, paraphrase, upstream_requests):
     original, similar = paraphrase
     ask(cache_proxy, original)
     settle(cache_proxy)
-    cache_proxy.app.state.services.store.close()  # the store breaks under the running proxy
+    app_state(cache_proxy.app).services.store.close()  # the store breaks under the running proxy
     for question in (similar, "A question after the store broke"):
         answer, headers = ask(cache_proxy, question)
         assert headers["x-velo-action"] in ("B", "exact") and answer.choices[0].message.content

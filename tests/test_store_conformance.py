@@ -209,20 +209,37 @@ def test_evict_ttl(store, rng):
 def test_evict_size_cap_drops_lowest_value_then_oldest(store, rng):
     values = [0.9, 0.1, 0.5, 0.1, 0.7, 0.3]
     created = [T0 - 50, T0 - 10, T0 - 40, T0 - 20, T0 - 30, T0 - 60]
-    entries = [make("s" if i % 2 else "t", v, i, cache_value=values[i], created_at=created[i])
-               for i, v in enumerate(unit(rng, 6))]
+    entries = [make("s", v, i, cache_value=values[i], created_at=created[i]) for i, v in enumerate(unit(rng, 6))]
     store.add(entries)
-    report = store.evict(now=T0, max_entries=3)
+    report = store.evict(now=T0, max_entries_per_scope=3)
     assert (report.expired, report.over_size, report.below_mean) == (0, 3, 0)
     # Dropped: the two 0.1s (both) and 0.3; kept 0.5, 0.7, 0.9.
     assert {e.id for e in entries if store.get(e.id)} == {entries[0].id, entries[2].id, entries[4].id}
     # Ties in value go oldest first.
-    store.add([make("u", v, 10 + i, cache_value=0.0, created_at=T0 - 100 + i) for i, v in enumerate(unit(rng, 2))])
-    newest = make("u", unit(rng), 20, cache_value=0.0, created_at=T0 - 1)
+    store.add([make("s", v, 10 + i, cache_value=0.0, created_at=T0 - 100 + i) for i, v in enumerate(unit(rng, 2))])
+    newest = make("s", unit(rng), 20, cache_value=0.0, created_at=T0 - 1)
     store.add([newest])
-    assert store.evict(now=T0, max_entries=4).over_size == 2
+    assert store.evict(now=T0, max_entries_per_scope=4).over_size == 2
     assert store.get(newest.id) is not None and len(store) == 4
-    assert store.evict(now=T0, max_entries=10).total == 0
+    assert store.evict(now=T0, max_entries_per_scope=10).total == 0
+
+
+def test_size_cap_is_per_scope_one_tenant_cannot_push_out_another(store, rng):
+    """Tenant B filling its scope far past the cap evicts only B's own lowest-valued entries; tenant
+    A's entries, valued lower than all of B's, stay."""
+    cap = 5
+    tenant_a = [make("tenant-a", v, i, cache_value=0.0, created_at=T0 - 1000) for i, v in enumerate(unit(rng, 3))]
+    store.add(tenant_a)
+    tenant_b = [make("tenant-b", v, 100 + i, cache_value=0.5 + i / 100, created_at=T0 - i)
+                for i, v in enumerate(unit(rng, 4 * cap))]
+    store.add(tenant_b)
+    report = store.evict(now=T0, max_entries_per_scope=cap)
+    assert report.over_size == 3 * cap
+    assert all(store.get(e.id) is not None for e in tenant_a)  # none of A's entries went
+    kept_b = {e.id for e in tenant_b if store.get(e.id) is not None}
+    assert kept_b == {e.id for e in sorted(tenant_b, key=lambda e: -e.cache_value)[:cap]}  # B's most valued
+    assert store.stats() == {"entries": 3 + cap, "scopes": {"tenant-a": 3, "tenant-b": cap}}
+    assert len(store.search("tenant-a", tenant_a[0].vector, limit=5, now=T0)) == 3
 
 
 def test_evict_below_mean_with_grace(store, rng):
@@ -415,7 +432,7 @@ def test_embedded_ann_recall_deletes_and_reopen(tmp_path, rng):
         assert recall_at_5(s2, "big", queries, vecs, ids, live, T0) >= 0.95
         # Evicting the expired and then most of the rest drops the scope back to exact search.
         assert s2.evict(now=T0).expired == int(np.count_nonzero(expires[~np.isin(np.arange(n), gone)] <= T0))
-        s2.evict(now=T0, max_entries=200)
+        s2.evict(now=T0, max_entries_per_scope=200)
         assert s2._scopes["big"].ann is None
         live_ids = {e.id for e in entries if s2.get(e.id) is not None}
         assert len(live_ids) <= 200

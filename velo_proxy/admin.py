@@ -9,13 +9,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from velo_proxy.errors import ProxyError
+from velo_proxy.services import Services
+from velo_proxy.state import app_state
 
 admin_router = APIRouter(prefix="/admin")
 
 
-def _store(request: Request) -> Any:
-    request.app.state.auth.require_admin(request)
-    services = request.app.state.services
+def _store(request: Request) -> Services:
+    state = app_state(request.app)
+    state.auth.require_admin(request)
+    services = state.services
     if services.store is None:
         raise ProxyError(503, "The semantic store is not available.", code="store_unavailable")
     return services
@@ -25,7 +28,7 @@ def _store(request: Request) -> Any:
 async def stats(request: Request) -> dict[str, Any]:
     services = _store(request)
     store_stats = await asyncio.to_thread(services.store.stats)
-    return {"store": store_stats, "exact_tier": services.exact.name, "policy": services.policy.version,
+    return {"store": store_stats, "exact_tier": services.exact.name, "policy": services.policies.current.version,
             "pending_tasks": len(services.background), "load_errors": services.load_errors}
 
 

@@ -4,12 +4,9 @@ store, Redis) are created in the lifespan and closed there; nothing lives at mod
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -18,6 +15,7 @@ from pydantic import ValidationError
 
 from velo_proxy import __version__
 from velo_proxy.admin import admin_router
+from velo_proxy.auth import Authenticator
 from velo_proxy.engine import ChatEngine
 from velo_proxy.errors import ProxyError, install_error_handlers, validation_error
 from velo_proxy.metrics import Metrics
@@ -26,59 +24,12 @@ from velo_proxy.protocol import (MAX_JSON_DEPTH, ChatCompletionRequest, Feedback
                                  check_chat, check_json)
 from velo_proxy.services import Services
 from velo_proxy.settings import Settings
+from velo_proxy.state import AppState, app_state
 
 log = logging.getLogger("velo_proxy")
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is asking. ``tenant`` scopes the cache; ``client_key`` may be forwarded upstream only when
-    the proxy has no keys of its own (pass-through use)."""
-
-    tenant: str
-    client_key: str | None
-
-
-def _bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization", "")
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _key_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-class Authenticator:
-    def __init__(self, *, api_keys: list[str], admin_key: str | None) -> None:
-        self._keys = [k.encode() for k in api_keys]
-        self._admin = admin_key.encode() if admin_key else None
-
-    def caller(self, request: Request) -> Caller:
-        token = _bearer(request)
-        narrowed = request.headers.get("x-velo-tenant", "").strip()
-        if not self._keys:
-            return Caller(tenant=narrowed or "default", client_key=token)
-        if token is None:
-            raise ProxyError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-        encoded = token.encode()
-        # compare against every key so timing does not reveal which prefix matched
-        matched = [hmac.compare_digest(encoded, k) for k in self._keys]
-        if not any(matched):
-            raise ProxyError(401, "Invalid API key.", code="invalid_api_key")
-        base = f"key:{_key_id(token)}"
-        # a client header can only narrow the scope inside its own key
-        return Caller(tenant=f"{base}/{narrowed}" if narrowed else base, client_key=None)
-
-    def require_admin(self, request: Request) -> None:
-        if self._admin is None:
-            raise ProxyError(404, "The admin API is disabled (set VELO_ADMIN_KEY).", code="admin_disabled")
-        token = _bearer(request)
-        if token is None or not hmac.compare_digest(token.encode(), self._admin):
-            raise ProxyError(401, "Invalid admin key.", code="invalid_admin_key")
-
-
-async def read_json_body(request: Request, *, limit: int, timeout_s: float = 30.0) -> dict[str, Any]:
+async def read_json_body(request: Request, *, limit: int, timeout_s: float) -> dict[str, Any]:
     """The request body as a JSON object, refusing oversized bodies before reading them whole and
     bodies that do not arrive within ``timeout_s`` (a Content-Length longer than what is sent)."""
     declared = request.headers.get("content-length")
@@ -115,53 +66,57 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await Services.start(settings=settings, metrics=app.state.metrics)
-        app.state.services = services
-        app.state.engine = ChatEngine(settings=settings, services=services)
+        metrics = Metrics()
+        services = await Services.start(settings=settings, metrics=metrics)
+        app.state.velo = AppState(
+            settings=settings, metrics=metrics, services=services,
+            auth=Authenticator(api_keys=[k.get_secret_value() for k in settings.api_keys],
+                               admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None),
+            engine=ChatEngine(settings=settings, services=services))
         try:
             yield
         finally:
             await services.aclose()
 
     app = FastAPI(title="VELO proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.auth = Authenticator(
-        api_keys=[k.get_secret_value() for k in settings.api_keys],
-        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
-    )
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        return await read_json_body(request, limit=settings.max_body_bytes, timeout_s=settings.body_read_timeout_s)
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions", include_in_schema=False)
     async def chat_completions(request: Request) -> Response:
-        caller = app.state.auth.caller(request)
-        payload = await read_json_body(request, limit=settings.max_body_bytes,
-                                       timeout_s=settings.body_read_timeout_s)
+        state = app_state(app)
+        caller = state.auth.caller(request)
+        payload = await read_body(request)
         try:
             chat = ChatCompletionRequest.model_validate(payload)
         except ValidationError as exc:
             raise validation_error(exc) from None
         check_chat(chat)
-        return await app.state.engine.handle(chat, payload, caller=caller, request=request)
+        ctx = state.engine.context(chat, payload, caller=caller, request_id=request.state.request_id,
+                                   headers=request.headers)
+        return await state.engine.handle(ctx)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> JSONResponse:
-        caller = app.state.auth.caller(request)  # feedback only on this tenant's own responses
-        payload = await read_json_body(request, limit=settings.max_body_bytes,
-                                       timeout_s=settings.body_read_timeout_s)
+        state = app_state(app)
+        caller = state.auth.caller(request)  # feedback only on this tenant's own responses
+        payload = await read_body(request)
         try:
             body = Feedback.model_validate(payload)
         except ValidationError as exc:
             raise validation_error(exc) from None
-        return JSONResponse(await app.state.engine.feedback(body.id, body.score, tenant=caller.tenant))
+        return JSONResponse(await state.engine.feedback(body.id, body.score, tenant=caller.tenant))
 
     @app.get("/v1/models")
     @app.get("/models", include_in_schema=False)
     async def list_models(request: Request) -> JSONResponse:
-        caller = app.state.auth.caller(request)
-        upstream = app.state.services.upstream
+        state = app_state(app)
+        caller = state.auth.caller(request)
+        upstream = state.services.upstream
         if upstream.model_map:
             return JSONResponse(ModelList(data=[ModelCard(id=m) for m in upstream.model_map]).model_dump())
         return JSONResponse(await upstream.list_models(client_key=caller.client_key))
@@ -172,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        checks = await app.state.services.readiness()
+        checks = await app_state(app).services.readiness()
         ready = all(ok for ok, _ in checks.values())
         body = {"status": "ready" if ready else "not ready",
                 "checks": {name: {"ok": ok, "detail": detail} for name, (ok, detail) in checks.items()}}
@@ -180,8 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        app.state.services.refresh_gauges()
-        return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+        state = app_state(app)
+        state.services.refresh_gauges()
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(admin_router)
     return app

@@ -1,5 +1,5 @@
-"""Cache value c^r (the paper's Eq. 5) and the below-mean eviction rule, shared by the stores and the
-policy simulator so that both age entries identically.
+"""Cache value c^r (the paper's Eq. 5), the below-mean eviction rule and the per-scope size cap, shared
+by the stores (and, for the first two, the policy simulator) so that they age entries identically.
 
 The paper keeps, per cached entry, a use count c^f and a cache value c^r that rises when the entry is
 useful and decays when it is not; every xi requests, entries whose value is below the mean are dropped.
@@ -49,3 +49,20 @@ def below_mean_mask(values: np.ndarray, ages_s: np.ndarray, *, grace_s: float,
         inverse = inverse.reshape(-1)
         means = (np.bincount(inverse, weights=values) / np.bincount(inverse))[inverse]
     return (np.asarray(ages_s) > grace_s) & (values < means - 1e-12)
+
+
+def over_cap(values: np.ndarray, created: np.ndarray, *, cap: int, groups: np.ndarray) -> np.ndarray:
+    """Indices of the entries to drop so that each group (the stores pass the scope) keeps at most
+    ``cap``: within a group, the lowest cache value first, then the oldest. A group's size never
+    costs another group an entry, so one tenant filling its scope cannot push out another's."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    group = group.reshape(-1)
+    order = np.lexsort((np.asarray(created, dtype=np.float64), values, group))  # by group, value, age
+    ranked = group[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    rank = np.arange(ranked.size) - np.repeat(starts, np.diff(np.r_[starts, ranked.size]))
+    excess = np.bincount(group) - max(0, int(cap))
+    return order[rank < excess[ranked]]

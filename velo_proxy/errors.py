@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from velo_proxy.state import find_state
+
 log = logging.getLogger("velo_proxy")
 
 _TYPE_BY_STATUS = {
@@ -102,10 +104,9 @@ class EnvelopeMiddleware:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:  # noqa: BLE001 - answered below, never re-raised
             log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
-            app = scope.get("app")
-            metrics = getattr(getattr(app, "state", None), "metrics", None)
-            if metrics is not None:
-                metrics.errors.labels("500").inc()
+            app_state = find_state(scope.get("app"))
+            if app_state is not None:
+                app_state.metrics.errors.labels("500").inc()
             error = ProxyError(500, "Internal proxy error.", type="server_error")
             if not state["started"]:
                 await error.response()(scope, receive, send)
@@ -116,9 +117,9 @@ class EnvelopeMiddleware:
 
 def install_error_handlers(app: FastAPI) -> None:
     def _count(request: Request, status: int) -> None:
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.errors.labels(str(status)).inc()
+        state = find_state(request.app)
+        if state is not None:
+            state.metrics.errors.labels(str(status)).inc()
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:

@@ -80,7 +80,10 @@ class Settings(BaseSettings):
     )
     cache_tools: bool = Field(False, description="Cache requests that carry tools or tool results.")
     cache_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="Lifetime of a cache entry, seconds.")
-    cache_max_entries: int = Field(200_000, ge=1, description="Size cap of the semantic store (entries).")
+    cache_max_entries: int = Field(
+        200_000, ge=1, description="Size cap of each scope in the semantic store (entries): past it a scope's own "
+        "lowest-valued entries go first, so one tenant filling its scope never pushes out another's. The store's total "
+        "is bounded by TTL and the below-mean rule.")
     eviction_interval: int = Field(
         1000, ge=1, description="Every this many requests (the paper's xi), drop entries whose cache value is below the mean."
     )
@@ -122,6 +125,29 @@ class Settings(BaseSettings):
     )
     embed_timeout_ms: float = Field(500.0, gt=0, description="Deadline of one embedding call; past it, go upstream.")
     search_timeout_ms: float = Field(200.0, gt=0, description="Deadline of one vector search; past it, go upstream.")
+
+    # --- fail open: deadlines and circuit breaker of the cache's components -------------------
+    store_write_timeout_ms: float = Field(
+        1000.0, gt=0, description="Deadline of one store write in the background (a new entry, a use count, the "
+        "eviction of an entry that failed its shadow check).")
+    eviction_timeout_s: float = Field(30.0, gt=0, description="Deadline of one background eviction pass, seconds.")
+    redis_timeout_ms: float = Field(
+        250.0, gt=0, description="Socket timeout (connect and read) of every Redis call, and the deadline of the "
+        "readiness ping.")
+    exact_timeout_ms: float = Field(
+        500.0, gt=0, description="Deadline of one exact-tier read or write (with Redis: two socket timeouts); past "
+        "it, the request goes on without the exact tier.")
+    experience_timeout_ms: float = Field(
+        500.0, gt=0, description="Deadline of one append (decision or reward) to the experience stream.")
+    breaker_threshold: int = Field(
+        3, ge=1, description="Consecutive failures of a component (embedder, store, verifier, exact tier, "
+        "experience, policy) that open its circuit breaker: one bad request does not switch the cache off.")
+    breaker_cooldown_s: float = Field(
+        5.0, gt=0, description="How long an open circuit breaker skips its component instead of paying its "
+        "deadline again, seconds.")
+    shutdown_drain_s: float = Field(
+        5.0, ge=0, description="At shutdown, how long background work (stores, shadow checks, experience) may "
+        "still finish, seconds.")
 
     # --- policy -----------------------------------------------------------------------------
     # verified by default: a semantic hit is served only when the pair verifier, calibrated on

@@ -107,11 +107,12 @@ class CacheStore(abc.ABC):
         """``{"entries": int, "scopes": {scope: count}}``."""
 
     @abc.abstractmethod
-    def evict(self, *, now: float | None = None, max_entries: int | None = None,
+    def evict(self, *, now: float | None = None, max_entries_per_scope: int | None = None,
               below_mean: bool = False, grace_s: float = 0.0) -> EvictionReport:
-        """Drop expired entries, then the lowest-value entries over ``max_entries``, then (if
-        ``below_mean``) entries older than ``grace_s`` whose cache value is below the mean of their own
-        scope (never a mean across scopes: one tenant's values must not set another tenant's bar)."""
+        """Drop expired entries, then in each scope holding more than ``max_entries_per_scope`` its own
+        lowest-value entries (then oldest) beyond that many, then (if ``below_mean``) entries older
+        than ``grace_s`` whose cache value is below the mean of their own scope. Both rules stay inside
+        a scope: one tenant's entries, however many or valuable, never push out another tenant's."""
 
     @abc.abstractmethod
     def __len__(self) -> int: ...

@@ -55,7 +55,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from velo_proxy.cache_value import below_mean_mask, update_cache_value
+from velo_proxy.cache_value import below_mean_mask, over_cap, update_cache_value
 from velo_proxy.store.base import CacheEntry, CacheStore, EvictionReport, Hit, unit_vector
 
 log = logging.getLogger(__name__)
@@ -716,7 +716,7 @@ class EmbeddedStore(CacheStore):
         created = np.concatenate([sc.created[: sc.n] for sc in scopes])
         return scopes, which, rids, values, created
 
-    def evict(self, *, now: float | None = None, max_entries: int | None = None,
+    def evict(self, *, now: float | None = None, max_entries_per_scope: int | None = None,
               below_mean: bool = False, grace_s: float = 0.0) -> EvictionReport:
         if now is None:
             now = time.time()
@@ -729,11 +729,12 @@ class EmbeddedStore(CacheStore):
                 dead = sc.rids[: sc.n][sc.expires[: sc.n] <= now]
                 victims.extend((sc, int(r)) for r in dead)
             report.expired = self._delete_rows(victims)
-            # 2. size cap: lowest cache value first, then oldest
-            if max_entries is not None and self._count > max_entries:
+            # 2. size cap of each scope: its own lowest cache value first, then oldest
+            cap = max_entries_per_scope
+            if cap is not None and any(sc.n > cap for sc in self._scopes.values()):
                 scopes, which, rids, values, created = self._all()
-                order = np.lexsort((created, values))[: self._count - max(0, int(max_entries))]
-                report.over_size = self._delete_rows([(scopes[int(which[i])], int(rids[i])) for i in order])
+                drop = over_cap(values, created, cap=cap, groups=which)
+                report.over_size = self._delete_rows([(scopes[int(which[i])], int(rids[i])) for i in drop])
             # 3. the paper's rule: below the mean cache value of its own scope, past the grace period
             if below_mean and self._count:
                 scopes, which, rids, values, created = self._all()

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from velo_proxy.cache_value import below_mean_mask, update_cache_value
+from velo_proxy.cache_value import below_mean_mask, over_cap, update_cache_value
 from velo_proxy.store.base import CacheEntry, CacheStore, EvictionReport, Hit, unit_vector
 
 _ID_NAMESPACE = uuid.UUID("6f1c1f2e-6a55-4f0e-9b7e-1c2d3e4f5a6b")
@@ -197,7 +197,7 @@ class QdrantStore(CacheStore):
                 scopes[scope] = scopes.get(scope, 0) + 1
         return {"entries": sum(scopes.values()), "scopes": scopes}
 
-    def evict(self, *, now: float | None = None, max_entries: int | None = None,
+    def evict(self, *, now: float | None = None, max_entries_per_scope: int | None = None,
               below_mean: bool = False, grace_s: float = 0.0) -> EvictionReport:
         m = self._m
         if now is None:
@@ -209,7 +209,9 @@ class QdrantStore(CacheStore):
             report.expired = self._client.count(self.collection, count_filter=expired, exact=True).count
             if report.expired:
                 self._client.delete(self.collection, points_selector=m.FilterSelector(filter=expired), wait=True)
-            if (max_entries is None or len(self) <= max_entries) and not below_mean:
+            cap = max_entries_per_scope
+            # no scope can be over the cap while the whole collection is within it
+            if (cap is None or len(self) <= cap) and not below_mean:
                 return report
             points = list(self._scroll(["cache_value", "created_at", "scope"]))
             ids = [p.id for p in points]
@@ -217,11 +219,11 @@ class QdrantStore(CacheStore):
             created = np.asarray([float(p.payload["created_at"]) for p in points], dtype=np.float64)
             scopes = np.asarray([str(p.payload["scope"]) for p in points], dtype=object)
             keep = np.ones(len(ids), dtype=bool)
-            # 2. size cap: lowest cache value first, then oldest
-            if max_entries is not None and len(ids) > max_entries:
-                order = np.lexsort((created, values))[: len(ids) - max(0, int(max_entries))]
-                keep[order] = False
-                report.over_size = self._delete_ids([ids[i] for i in order])
+            # 2. size cap of each scope: its own lowest cache value first, then oldest
+            if cap is not None and len(ids) > cap:
+                drop = over_cap(values, created, cap=cap, groups=scopes)
+                keep[drop] = False
+                report.over_size = self._delete_ids([ids[i] for i in drop])
             # 3. below the mean cache value of its own scope, past the grace period
             if below_mean and keep.any():
                 rest = np.flatnonzero(keep)

@@ -1,0 +1,125 @@
+"""The decision policy of a running proxy and its life cycle: the policy chosen at start-up
+(``VELO_POLICY``: verified, threshold or learned), and for the learned policy the versions published
+to the policy directory, swapped in without a restart (hot reload). Requests read ``current`` once
+and keep that object, so a swap never changes a request in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from velo_proxy.metrics import Metrics
+from velo_proxy.policy import (LearnedPolicy, Policy, PolicyMismatch, ThresholdPolicy, VerifiedPolicy,
+                               default_policy_path)
+from velo_proxy.policy_dir import PolicyDirectory
+from velo_proxy.settings import Settings
+from velo_proxy.verifier import VerifyRule
+
+log = logging.getLogger("velo_proxy.services")
+
+
+class PolicyManager:
+    def __init__(self, *, settings: Settings, metrics: Metrics, load_errors: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.embedder: Any = None  # velo_proxy.embedder.Embedder; None: no semantic tier, no learned policy
+        self.verifier: Any = None  # velo_proxy.verifier.PairVerifier; None: no verified hits
+        self.load_errors = load_errors if load_errors is not None else {}  # "policy": why the fallback is in use
+        self.current: Policy = ThresholdPolicy(threshold=settings.similarity_threshold, top_p=settings.top_p_hits)
+        self.rejected_versions: set[str] = set()
+        self._watcher: asyncio.Task[Any] | None = None
+
+    def start(self, *, embedder: Any, verifier: Any) -> None:
+        """Choose the start-up policy for the loaded embedder and verifier (either may be None); with a
+        policy directory, watch it for new versions."""
+        self.embedder, self.verifier = embedder, verifier
+        settings = self.settings
+        if settings.cache_enabled:
+            if settings.policy == "verified":
+                self.current = self.verified_policy()
+            if self.embedder is not None and settings.policy == "learned":
+                self._load_initial_policy()
+        self._show_policy()
+        if settings.policy_dir is not None and self.embedder is not None and settings.policy == "learned":
+            self._watcher = asyncio.create_task(self._watch_policy_dir())
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    # ----- building policies ----------------------------------------------------------------------
+    def verify_rule(self) -> VerifyRule | None:
+        """The serving rule for the operator's bound, or None without a verifier."""
+        return self.verifier.rule(self.settings.max_false_hit_rate) if self.verifier is not None else None
+
+    def verified_policy(self) -> VerifiedPolicy:
+        rule = self.verify_rule()
+        version = f"verified-{self.verifier.id}" if self.verifier is not None else "verified-unavailable"
+        if rule is not None and rule.threshold == float("inf"):
+            log.warning("no verifier threshold is calibrated for a false-hit bound of %g: no semantic hits",
+                        self.settings.max_false_hit_rate)
+        return VerifiedPolicy(rule=rule, version=version, top_p=self.settings.top_p_hits)
+
+    def load_policy(self, path: Any, *, version: str | None = None) -> LearnedPolicy:
+        rule = None
+        if self.settings.verify_learned:
+            # without a verifier the rule is "never passes" (threshold inf): no unverified A
+            rule = self.verify_rule() or VerifyRule(cosine_floor=1.01, top_k=0, threshold=float("inf"))
+        return LearnedPolicy(path, embedder_id=self.embedder.id, dim=self.embedder.dim,
+                             max_false_hit_rate=self.settings.max_false_hit_rate,
+                             exploration_rate=self.settings.exploration_rate, version=version, verify_rule=rule)
+
+    def _load_initial_policy(self) -> None:
+        """An explicitly configured policy must load (a mismatch stops the proxy with the reason);
+        otherwise the newest published version, then the shipped default, then the threshold policy."""
+        if self.settings.policy_path is not None:
+            self.current = self.load_policy(self.settings.policy_path)
+            return
+        if self.settings.policy_dir is not None:
+            pointer = PolicyDirectory(self.settings.policy_dir).current()
+            if pointer is not None:
+                try:
+                    self.current = self.load_policy(pointer["path"], version=pointer["version"])
+                    return
+                except PolicyMismatch as exc:
+                    self.rejected_versions.add(pointer["version"])
+                    log.error("published policy %s refused: %s", pointer["version"], exc)
+        try:
+            self.current = self.load_policy(default_policy_path())
+        except PolicyMismatch as exc:
+            self.load_errors["policy"] = str(exc)
+            log.warning("shipped policy not usable (%s); using the threshold policy", exc)
+
+    # ----- hot reload -------------------------------------------------------------------------------
+    def _show_policy(self) -> None:
+        self.metrics.policy_version.clear()
+        self.metrics.policy_version.labels(self.current.version).set(1)
+
+    async def _watch_policy_dir(self) -> None:
+        directory = PolicyDirectory(self.settings.policy_dir)
+        while True:
+            await asyncio.sleep(self.settings.policy_reload_s)
+            try:
+                await self.reload_policy(directory)
+            except Exception:  # noqa: BLE001 - the watcher must survive anything
+                log.exception("policy reload failed")
+
+    async def reload_policy(self, directory: PolicyDirectory) -> bool:
+        """Swap in the published version if it is new and valid; in-flight requests keep the policy
+        object they started with. Returns whether the policy changed."""
+        pointer = await asyncio.to_thread(directory.current)
+        if pointer is None or pointer["version"] == self.current.version or pointer["version"] in self.rejected_versions:
+            return False
+        try:
+            candidate = await asyncio.to_thread(lambda: self.load_policy(pointer["path"], version=pointer["version"]))
+        except PolicyMismatch as exc:
+            self.rejected_versions.add(pointer["version"])
+            self.metrics.failures.labels("policy", "rejected").inc()
+            log.error("policy %s refused, keeping %s: %s", pointer["version"], self.current.version, exc)
+            return False
+        previous, self.current = self.current, candidate
+        self.metrics.policy_reloads.inc()
+        self._show_policy()
+        log.info("policy %s -> %s", previous.version, candidate.version)
+        return True
