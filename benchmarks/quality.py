@@ -366,9 +366,10 @@ class LrsReplay:
     that carry the mirrored bookkeeping; P(A) memoised per (request, hits, bookkeeping) so a sweep over
     many thresholds runs the actor once per distinct observation."""
 
-    def __init__(self, policy: Any, emb: np.ndarray) -> None:
+    def __init__(self, policy: Any, emb: np.ndarray, pair_score: Callable[[int, int], float] | None = None) -> None:
         self.policy = policy
         self.emb = emb
+        self.pair_score = pair_score  # the verifier's score of (request, cached), for the hits the rule verifies
         self.memo: dict[tuple, tuple[float, float, float]] = {}
         self.calls = 0
 
@@ -379,7 +380,12 @@ class LrsReplay:
             hits = [SimpleNamespace(similarity=s, entry=SimpleNamespace(
                 vector=self.emb[j], kind=0, cache_value=st.values[j], use_count=st.uses[j],
                 created_at=j * SECONDS_PER_REQUEST)) for j, s in cands]
-            obs = F.build_observation(self.emb[i], hits, top_p=self.policy.top_p, now=i * SECONDS_PER_REQUEST)
+            rule = getattr(self.policy, "verify_rule", None)
+            scores = None
+            if rule is not None and self.pair_score is not None:
+                scores = {k: self.pair_score(i, cands[k][0]) for k in rule.candidates([s for _, s in cands])}
+            obs = F.build_observation(self.emb[i], hits, top_p=self.policy.top_p, now=i * SECONDS_PER_REQUEST,
+                                      scores=scores)
             p = tuple(float(x) for x in self.policy.probs([obs])[0])
             self.memo[key] = p
             self.calls += 1
@@ -400,8 +406,9 @@ class LrsReplay:
 # ----- real store engine ---------------------------------------------------------------------------------
 
 
-def run_store(w: Workload, policy: Any, *, workdir: Path) -> Outcome:
-    """The decision loop against a real EmbeddedStore and a real policy object (``decide``)."""
+def run_store(w: Workload, policy: Any, *, workdir: Path, pair_score: Callable[[int, int], float] | None = None) -> Outcome:
+    """The decision loop against a real EmbeddedStore and a real policy object (``decide``); the hits the
+    policy wants verified (``to_verify``) get ``pair_score(request, cached)``, as the engine does."""
     from velo_proxy.store.base import CacheEntry
     from velo_proxy.store.embedded import EmbeddedStore
 
@@ -417,7 +424,10 @@ def run_store(w: Workload, policy: Any, *, workdir: Path) -> Outcome:
             now = i * SECONDS_PER_REQUEST
             v = w.emb[i]
             hits = store.search(SCOPE, v, limit=TOP_P, now=now)
-            decision = policy.decide(v, hits, now=now)
+            scores = None
+            if pair_score is not None and hasattr(policy, "to_verify"):
+                scores = {k: pair_score(i, int(hits[k].entry.id)) for k in policy.to_verify(hits)}
+            decision = policy.decide(v, hits, now=now, scores=scores)
             if decision.action == "A" and decision.entry is not None:
                 j = int(decision.entry.entry.id)
                 served[i], source[i], correct[i] = True, j, w.cluster[j] == w.cluster[i]
@@ -618,13 +628,33 @@ def threshold_grid(fine: bool) -> list[float]:
 # ----- main ------------------------------------------------------------------------------------------------
 
 
-def load_lrs(embedder: Any, delta: float) -> Any | None:
+def load_lrs(embedder: Any, delta: float, verifier: Any = None) -> Any | None:
+    """The shipped LRS actor at bound ``delta``, its hits verified as in the proxy (the scores are features)
+    but without the verifier's veto: these rows measure LRS's own calibrated decision."""
     from velo_proxy.policy import LearnedPolicy, default_policy_path
 
     path = default_policy_path()
     if not path.exists():
         return None
-    return LearnedPolicy(path, embedder_id=embedder.id, dim=embedder.dim, max_false_hit_rate=delta)
+    rule = verifier.rule(delta) if verifier is not None else None
+    return LearnedPolicy(path, embedder_id=embedder.id, dim=embedder.dim, max_false_hit_rate=delta,
+                         verify_rule=rule, veto=False)
+
+
+def pair_scorer(w: Workload, verifier: Any) -> Callable[[int, int], float] | None:
+    """The verifier's score of (request i, cached j) on ``w``, disk-cached (``ScoreCache``), memoised."""
+    if verifier is None:
+        return None
+    from policy.verifier_calibrate import ScoreCache
+
+    cache, memo = ScoreCache(), {}
+
+    def score(i: int, j: int) -> float:
+        if (i, j) not in memo:
+            memo[(i, j)] = float(cache.score(verifier, [w.texts[i]], [w.texts[j]])[0])
+        return memo[(i, j)]
+
+    return score
 
 
 def held_back(args: argparse.Namespace) -> set[str]:
@@ -699,7 +729,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                exclude=training_texts(DataSpec.tiny() if args.tiny else None) | held_back(args))
     embed_workloads(workloads, cache)
     verifier = load_verifier(args)
-    lrs = {d: load_lrs(embedder, d) for d in DELTAS}
+    lrs = {d: load_lrs(embedder, d, verifier) for d in DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None
     gpt_err = None if args.gptcache else "disabled (--no-gptcache)"
     if args.gptcache:
@@ -739,7 +769,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             wr["points"]["oracle (top-5)"] = {"engine": "replay", **m}
             # LRS: curve over P(A) thresholds, calibrated points
             if lrs_ok:
-                lr = LrsReplay(lrs[DELTAS[0]], w.emb)
+                lr = LrsReplay(lrs[DELTAS[0]], w.emb, pair_scorer(w, verifier))
                 # P(A) spans orders of magnitude (calibrated thresholds sit near 0.4, high-hit-rate points
                 # near 0.001): log-spaced below 0.05, linear above
                 k = max(2, args.lrs_steps // 3)
@@ -768,10 +798,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 systems.append((f"threshold {t:g}", ThresholdPolicy(threshold=t, top_p=TOP_P), threshold_decider(t)))
             if lrs_ok:
                 for d in DELTAS:
-                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb).decider(lrs[d].threshold)))
+                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, pair_scorer(w, verifier)).decider(lrs[d].threshold)))
             for name, policy, rdecide in systems:
                 if args.store:
-                    o = run_store(w, policy, workdir=workdir)
+                    o = run_store(w, policy, workdir=workdir, pair_score=pair_scorer(w, verifier))
                     m = o.metrics(pos, w)
                     wr["points"][name] = {"engine": "store", **m}
                     if rdecide is not None:

@@ -29,7 +29,7 @@ import os
 import sqlite3
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -226,6 +226,7 @@ class Dataset:
     a_emb: np.ndarray  # [Na, D] alternative answers
     llm_distance: float  # median L2 distance of an oasst1 reply to its prompt's consensus, measured
     meta: dict = field(default_factory=dict)
+    pair_scores: Any = None  # policy.pair_scores.PairScores: the verifier's scores (None: no hit is verified)
 
     @property
     def dim(self) -> int:

@@ -39,15 +39,18 @@ def ranking(data, actor, cfg) -> None:
 
     recs = [collect_calibration(data, NeuralPolicy(actor, "actor"), cfg, 500, seed=s, driver=StaticThreshold(0.9))
             for s in SEEDS]
-    r = {k: np.concatenate([x[k] for x in recs]) for k in ("p_a", "similarity", "relevant", "source")}
+    r = {k: np.concatenate([x[k] for x in recs]) for k in ("p_a", "similarity", "relevant", "source", "verifier")}
     rel = r["relevant"] > 0
     print(f"{len(rel)} semantic decisions, {int(rel.sum())} with a true duplicate")
     for src in (None, *np.unique(r["source"])):
         m = np.ones(len(rel), bool) if src is None else r["source"] == src
         if 0 < rel[m].sum() < m.sum():
             print(f"{'all' if src is None else SOURCES[src]:7s} n={m.sum():5d} right={int(rel[m].sum()):4d} "
-                  f"AUC P(A) {roc_auc_score(rel[m], r['p_a'][m]):.3f}  AUC cosine {roc_auc_score(rel[m], r['similarity'][m]):.3f}")
-    for name in ("p_a", "similarity"):
+                  f"AUC P(A) {roc_auc_score(rel[m], r['p_a'][m]):.3f}  AUC cosine {roc_auc_score(rel[m], r['similarity'][m]):.3f}"
+                  f"  AUC verifier {roc_auc_score(rel[m], np.nan_to_num(r['verifier'][m], nan=-1.0)):.3f} "
+                  f"({int(np.isfinite(r['verifier'][m]).sum())} verified)")
+    r["verifier"] = np.nan_to_num(r["verifier"], nan=-1.0)  # an unverified entry ranks below every verified one
+    for name in ("p_a", "similarity", "verifier"):
         top = rel[np.argsort(-r[name], kind="stable")]
         print(f"right among the top 50/100/150/200 by {name}: {[int(top[:k].sum()) for k in (50, 100, 150, 200)]}")
 

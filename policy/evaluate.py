@@ -59,9 +59,9 @@ def evaluate(data: Dataset, policy, cfg: SimConfig, steps: int, *, seed: int = 1
 
 def collect_calibration(data: Dataset, policy, cfg: SimConfig, steps: int, *, seed: int = 777, driver=None) -> dict:
     """Run ``driver`` (default: ``policy``, argmax) and record, for every decision with a semantic hit
-    (not the exact tier), ``policy``'s P(A), the Eq. 4 entry's similarity, whether it is a true duplicate
-    and the request's source; ``metrics`` is the run's ``evaluate`` result."""
-    rec: dict[str, list] = {"p_a": [], "similarity": [], "relevant": [], "source": []}
+    (not the exact tier), ``policy``'s P(A), the Eq. 4 entry's similarity and verifier score (NaN when not
+    verified), whether it is a true duplicate and the request's source; ``metrics`` is the run's ``evaluate`` result."""
+    rec: dict[str, list] = {"p_a": [], "similarity": [], "relevant": [], "source": [], "verifier": []}
 
     def record(sim: EdgeSim, obs, acts):
         p = policy.probs(obs)
@@ -72,6 +72,7 @@ def collect_calibration(data: Dataset, policy, cfg: SimConfig, steps: int, *, se
                 rec["similarity"].append(sim.hits[i][j].similarity)
                 rec["relevant"].append(float(sim.hits[i][j].entry.cluster == sim.requests[i]["cluster"]))
                 rec["source"].append(int(data.c_source[sim.requests[i]["cluster"]]))
+                rec["verifier"].append(float(sim.scores[i].get(j, np.nan)))  # NaN: the entry was not verified
 
     metrics = evaluate(data, driver or policy, cfg, steps, seed=seed, record=record)
     return {**{k: np.array(v) for k, v in rec.items()}, "metrics": metrics}

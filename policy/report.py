@@ -108,7 +108,11 @@ def write_report(repo: Path, run: Path, data, results, thresholds, calibrations,
     L.append(f"- Learned methods trained per w, N = 3, nearest-edge mode, {updates} PPO updates each; evaluated unchanged "
              f"for N = 2..5 and both modes. Test episodes: {eval_steps} steps (N requests per step, one per region), empty caches at start; "
              f"every number is the mean over {len(results[(0.1, 3, 'nearest', 'LRS')]['reward_seeds'])} request streams "
-             "(stream seeds, each with its own popularity order), the same streams for every method.")
+             "(stream seeds), the same streams for every method. Streams are shaped like the proxy's benchmark "
+             "workloads (`SimConfig.stream = 'clusters'`: whole groups, every text once, in random order, so the first "
+             "arrival of a cluster and interleaved near misses are semantic decisions). Hit features include the pair "
+             f"verifier's scores ({data.pair_scores.verifier_key if data.pair_scores is not None else 'none'}; "
+             "docs/policy.md, Observation).")
     L.append(f"- Static threshold (GPTCache/LiteLLM style) chosen on validation: "
              + ", ".join(f"w={w:g}: {thresholds[w]:.2f}" for w in WS) + ".")
     L.append(f"- Runtime: training {t_train / 60:.1f} min, total {t_total / 60:.1f} min on {platform.machine()} "

@@ -33,7 +33,7 @@ EDGES = (2, 3, 4, 5)
 MODES = ("nearest", "all")
 LEARNED = ("lrs", "t-mappo", "g-mappo", "mappo")
 LABEL = {"lrs": "LRS", "t-mappo": "T-MAPPO", "g-mappo": "G-MAPPO", "mappo": "MAPPO"}
-POLICY_VERSION = "lrs-default-3"
+POLICY_VERSION = "lrs-default-4"
 SEEDS = tuple(range(2024, 2034))  # ten test streams: the paired comparison needs a standard error
 #: Validation streams on which the static threshold and LRS's serving thresholds are chosen: as many as
 #: the test has, since the gain of serving semantic hits at w = 0.1 is about one stream's noise.
@@ -49,11 +49,20 @@ def _dataset(spec, out: Path):
     path = out / f"dataset-{key}.pkl"
     if path.exists():
         with open(path, "rb") as f:
-            return pickle.load(f), path
-    data = build_dataset(spec)
-    with open(path, "wb") as f:
+            data = pickle.load(f)
+    else:
+        data = build_dataset(spec)
+        with open(path, "wb") as f:
+            pickle.dump(data, f)
+    # the installed verifier's scores of the hits it would verify (hit features; disk-cached per pair)
+    from .pair_scores import attach_installed_verifier
+
+    scores = attach_installed_verifier(data)
+    vkey = hashlib.sha256(scores.verifier_key.encode()).hexdigest()[:8]
+    scored = out / f"dataset-{key}-verifier-{vkey}.pkl"
+    with open(scored, "wb") as f:
         pickle.dump(data, f)
-    return data, path
+    return data, scored
 
 
 def _train_job(args):
@@ -186,7 +195,8 @@ def main(argv=None) -> None:
     data, data_path = _dataset(spec, out.parent)
     say(f"datasets directory {datasets}")
     say(f"dataset: {data.q_emb.shape[0]} requests, {len(data.c_members)} clusters, embedder {data.embedder_id}, "
-        f"LLM answer distance {data.llm_distance:.3f}")
+        f"LLM answer distance {data.llm_distance:.3f}; {len(data.pair_scores.table)} verifier pairs "
+        f"({data.pair_scores.verifier_key})")
 
     # ---- training ----
     tkw = {"updates": updates}

@@ -52,6 +52,7 @@ from .data import DataSpec, retrain_spec
 from .evaluate import calibrate, collect_calibration, evaluate
 from .export import export_onnx, parity
 from .sim import SimConfig
+from .pair_scores import attach_installed_verifier
 from .train import collect_demos, load_actor, regret_loss, save_actor
 
 log = logging.getLogger("policy.retrain")
@@ -88,6 +89,9 @@ class RetrainConfig:
     """The candidate must beat the current policy's simulated reward by more than this."""
     data_spec: DataSpec = field(default_factory=DataSpec)
     """Simulator data (the same as training by default)."""
+    stream: str = "clusters"
+    """Simulator request stream for demonstrations, calibration and the comparison (``SimConfig.stream``:
+    'clusters', the benchmark's shape, as training; or 'zipf')."""
     max_false_hit_rate: float = 0.02
     """Default delta written into the calibration."""
     seed: int = 0
@@ -220,6 +224,12 @@ def preflight(cfg: RetrainConfig) -> dict:
         raise RetrainInputError(f"embedder {embedder_dir} (VELO_EMBEDDER_DIR) lacks {', '.join(missing)}: run "
                                 "`velo-proxy models export`, or use the image's train target, which carries it")
     inputs["embedder_dir"] = str(embedder_dir)
+    verifier_dir = Settings().verifier_dir
+    missing = [name for name in ("model.onnx", "tokenizer.json", "velo_verifier.json") if not (verifier_dir / name).is_file()]
+    if missing:
+        raise RetrainInputError(f"pair verifier {verifier_dir} (VELO_VERIFIER_DIR) lacks {', '.join(missing)}: run "
+                                "`velo-proxy models export`, or use the image's train target, which carries it")
+    inputs["verifier_dir"] = str(verifier_dir)
     try:
         collected, source = collect_for(retrain_spec(cfg.data_spec))
     except DatasetsMissing as exc:
@@ -280,7 +290,9 @@ def run(cfg: RetrainConfig) -> dict:
     # The training-only labelled pairs feed neighbourhood demonstrations, which retraining does not use:
     # without them the streams are the same and ~48k fewer texts are embedded on a fresh node.
     data, report["simulator_data"] = load_data(retrain_spec(cfg.data_spec))
-    sim_cfg = SimConfig()
+    # the verifier's scores are hit features (feature version 2): the same verifier the proxies run
+    report["verifier_pairs"] = len(attach_installed_verifier(data, progress=False).table)
+    sim_cfg = SimConfig(stream=cfg.stream)
     sim_cfg = replace(sim_cfg, qos=replace(sim_cfg.qos, w=cfg.w), seed=cfg.seed)
     qos = sim_cfg.qos
     b_satisfaction = evaluate(data, GreedyLLM(), replace(sim_cfg, split="val"), cfg.eval_steps // 3)["satisfaction"]
@@ -371,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="datasets directory for a non-default --data-spec [env VELO_DATASETS_DIR; default "
                         "../shared/data]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream", choices=("clusters", "zipf"), default=RetrainConfig.stream,
+                        help="simulator request stream (default: the benchmark-shaped one training uses)")
     args = parser.parse_args(argv)
     if not args.redis_url or args.policy_dir is None:
         parser.error("--redis-url and --policy-dir (or VELO_REDIS_URL and VELO_POLICY_DIR) are required")
@@ -386,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(RetrainConfig(redis_url=args.redis_url, policy_dir=args.policy_dir, w=args.w, epochs=args.epochs,
                                    eval_steps=args.eval_steps, demo_steps=args.demo_steps,
                                    min_decisions=args.min_decisions, max_false_hit_rate=args.max_false_hit_rate,
-                                   data_spec=spec, seed=args.seed))
+                                   data_spec=spec, seed=args.seed, stream=args.stream))
     except RetrainInputError as exc:
         log.error("%s", exc)
         print(json.dumps({"published": False, "reason": str(exc)}, indent=2))

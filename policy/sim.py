@@ -16,6 +16,17 @@ QoS model (docs/policy.md has the reasons):
   the user-to-edge link of the answering edge;
 - reward r = phi1 * (q - w * d) (Eq. 11 with w = phi2/phi1; phi1 = 10 is the paper's x10).
 
+Request streams (``SimConfig.stream``):
+``clusters`` (the default) — shaped like the proxy's benchmark and calibration workloads
+(``benchmarks/quality.py``, ``policy/verifier_calibrate.py``): each region draws whole groups of the
+split (a group holds near-miss clusters, so labelled near misses arrive interleaved with the
+paraphrases), every text of them once, in random order; the first arrival of a cluster has no right
+answer in the cache. ``zipf`` — the paper's: groups by Zipf popularity, a random member each time
+(popular texts repeat, so the exact tier answers many).
+
+Hit features include the pair verifier's score of the hits the serving rule verifies
+(``policy.pair_scores``, attached to the dataset as ``data.pair_scores``; without it no hit is verified).
+
 Modes (each step every region — the users nearest to one edge — sends one request):
 ``nearest`` — the request reaches its home edge only, which decides; ``all`` — the request reaches
 all edges (the remote ones over a longer link), each decides with its own cache, the user takes the
@@ -89,8 +100,10 @@ class SimConfig:
     """Grace period of the below-mean rule, simulated seconds."""
     step_s: float = 1.0
     """Simulated seconds between two requests at one edge."""
+    stream: str = "clusters"
+    """'clusters' (benchmark-shaped: whole groups, each text once, shuffled) or 'zipf' (the paper's)."""
     zipf_s: float = 0.9
-    """Zipf exponent of group popularity."""
+    """Zipf exponent of group popularity (zipf stream)."""
     source_weights: tuple[float, float, float, float] = (0.5, 0.25, 0.15, 0.1)
     """Share of requests from qqp, xquad, oasst1, nq."""
     episode_len: int = 500
@@ -229,21 +242,48 @@ class EdgeSim:
             raise ValueError(f"no clusters in split {cfg.split!r}")
         w = np.asarray(weights, dtype=float)
         self._src_p = w / w.sum()
+        if cfg.stream not in ("clusters", "zipf"):
+            raise ValueError(f"stream must be 'clusters' or 'zipf', not {cfg.stream!r}")
         self._cand_cache: dict[int, list[np.ndarray]] = {}
+        self._queues: list[list[int]] = [[] for _ in range(self.E)]  # clusters stream: texts to come, per region
+        self._used: list[set[int]] = [set() for _ in self._src]  # clusters stream: groups drawn this episode
         # user (region r) -> edge e link: the home edge (e = r) is the nearest
         self.links = self.qos.link_s + np.abs(self.slot_edge - self.slot_req) * self.qos.link_hop_s
         self.reset()
 
     # --- stream -----------------------------------------------------------------------------
 
-    def _draw_request(self) -> dict:
+    def _draw_request(self, region: int) -> dict:
         rng = self.rng
+        if self.cfg.stream == "clusters":
+            if not self._queues[region]:
+                self._fill_queue(region)
+            qi = self._queues[region].pop()
+            c = int(self.data.q_cluster[qi])
+            return {"q": qi, "cluster": c, "llm": self._llm_answer(c)}
         si, glist, p = self._src[int(rng.choice(len(self._src), p=self._src_p))]
         g = glist[int(rng.choice(len(glist), p=p))]
         c = int(g[int(rng.integers(len(g)))])
         mem = self.data.c_members[c]
         qi = int(mem[int(rng.integers(len(mem)))])
         return {"q": qi, "cluster": c, "llm": self._llm_answer(c)}
+
+    def _fill_queue(self, region: int) -> None:
+        """Clusters stream: whole groups (source by ``source_weights``, group uniformly among those not
+        drawn yet this episode) until one episode of requests, every text once, shuffled."""
+        rng = self.rng
+        texts: list[int] = []
+        while len(texts) < self.cfg.episode_len:
+            k = int(rng.choice(len(self._src), p=self._src_p))
+            _, glist, _ = self._src[k]
+            if len(self._used[k]) >= len(glist):
+                self._used[k].clear()  # every group of this source drawn: start over
+            free = [g for g in range(len(glist)) if g not in self._used[k]]
+            g = free[int(rng.integers(len(free)))]
+            self._used[k].add(g)
+            texts.extend(int(q) for c in glist[g] for q in self.data.c_members[int(c)])
+        order = rng.permutation(len(texts))
+        self._queues[region] = [texts[i] for i in order]
 
     def _llm_answer(self, c: int) -> np.ndarray:
         """What the cloud LLM answers to a request of cluster c (sampled once per request)."""
@@ -267,17 +307,22 @@ class EdgeSim:
         if seed is not None or not hasattr(self, "rng"):
             self.rng = np.random.default_rng(self.cfg.seed if seed is None else seed)
         self.caches = [EdgeCache(self.data.dim, self.cfg.capacity) for _ in range(self.E)]
+        self._new_episode_stream()
         self.t = 0
         self.requests_seen = np.zeros(self.E, dtype=np.int64)
         self._next_requests()
         return self.observations()
+
+    def _new_episode_stream(self) -> None:
+        self._queues = [[] for _ in range(self.E)]
+        self._used = [set() for _ in self._src]
 
     @property
     def now(self) -> float:
         return self.t * self.cfg.step_s
 
     def _next_requests(self) -> None:
-        regional = [self._draw_request() for _ in range(self.E)]  # one new request per region
+        regional = [self._draw_request(r) for r in range(self.E)]  # one new request per region
         self.requests = [regional[r] for r in self.slot_req]
         self.hits: list[list[SimHit]] = []
         self.sel: list[int | None] = []
@@ -286,6 +331,7 @@ class EdgeSim:
             h = self.caches[self.slot_edge[i]].search(u, self.cfg.top_p)
             self.hits.append(h)
             self.sel.append(F.select_entry(h, top_p=self.cfg.top_p))
+        self.scores = self._verify([(self.requests[i]["q"], self.hits[i]) for i in range(self.N)])
         # The proxy's exact tier answers a byte-identical question before the policy is asked.
         self.exact = [next((j for j, h in enumerate(self.hits[i]) if h.entry.qid == self.requests[i]["q"]), None)
                       for i in range(self.N)]
@@ -304,10 +350,17 @@ class EdgeSim:
         c = int(self.data.q_cluster[q])
         self.requests[slot] = {"q": int(q), "cluster": c, "llm": self._llm_answer(c)}
         self.hits[slot], self.sel[slot], self.exact[slot] = hits, F.select_entry(hits, top_p=self.cfg.top_p), None
+        self.scores[slot] = self._verify([(int(q), hits)])[0]
+
+    def _verify(self, requests: list[tuple[int, list[SimHit]]]) -> list[dict[int, float]]:
+        """The verifier's scores of the hits the serving rule verifies, per decision (as the proxy)."""
+        if self.data.pair_scores is None:
+            return [{} for _ in requests]
+        return self.data.pair_scores.lookup(self.data, requests)
 
     def observations(self) -> list[F.Observation]:
         return [F.build_observation(self.data.q_emb[self.requests[i]["q"]], self.hits[i], top_p=self.cfg.top_p,
-                                    now=self.now) for i in range(self.N)]
+                                    now=self.now, scores=self.scores[i]) for i in range(self.N)]
 
     def true_duplicate_mask(self) -> np.ndarray:
         """[N, P]: which hits are in the request's cluster (privileged: critic state, oracle, metrics)."""
@@ -486,6 +539,7 @@ class EdgeSim:
         done = self.t >= self.cfg.episode_len
         if done:
             self.caches = [EdgeCache(self.data.dim, self.cfg.capacity) for _ in range(self.E)]
+            self._new_episode_stream()
             self.t = 0
             if self.cfg.reshuffle:
                 self._reshuffle()

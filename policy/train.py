@@ -381,7 +381,9 @@ def collect_neighbour_demos(data: Dataset, sim_cfg: SimConfig, decisions: int, *
     initial cache value, a random age): an entry's history is the stream's to teach — a used entry whose
     value stayed at 0 was served wrongly before, which random histories here would teach the actor to
     ignore. Requests follow the stream's source weights; STS-B sentences (translations, like XQuAD)
-    take XQuAD's weight. Same return format as ``collect_demos``.
+    take XQuAD's weight. With the verifier's scores attached (``data.pair_scores``), a cache holds no text
+    above the cosine floor but the request's scored neighbours (``pair_scores.DEMO_NEIGHBOURS`` nearest):
+    every verified hit then has its score without a verifier call. Same return format as ``collect_demos``.
 
     Why: the stream puts only a few hundred distinct true duplicates into a cache per epoch of
     training, and the hit scorer overfits them (docs/policy.md, "Status"); every labelled pair of the
@@ -403,6 +405,7 @@ def collect_neighbour_demos(data: Dataset, sim_cfg: SimConfig, decisions: int, *
     p_req /= p_req.sum()
     P, N = sim_cfg.top_p, sim.N
     other_p = min(1.0, other_entries / len(qs))
+    scores = data.pair_scores
     keep: list[F.Observation] = []
     labels: list[int] = []
     values: list[np.ndarray] = []
@@ -414,7 +417,14 @@ def collect_neighbour_demos(data: Dataset, sim_cfg: SimConfig, decisions: int, *
         cand = np.flatnonzero(rng.random(len(qs)) < pin)
         if len(cand) == 0:
             continue
-        top = cand[np.argsort(-(U[cand] @ U[r]), kind="stable")[:P]]
+        sims = U[cand] @ U[r]
+        if scores is not None:  # above the floor, only the request's scored neighbours (policy.pair_scores)
+            scored = scores.scored_neighbours(int(qs[r]))
+            allowed = (sims < scores.rule.cosine_floor) | np.isin(qs[cand], list(scored))
+            cand, sims = cand[allowed], sims[allowed]
+            if len(cand) == 0:
+                continue
+        top = cand[np.argsort(-sims, kind="stable")[:P]]
         ages = rng.uniform(0.0, sim_cfg.episode_len * sim_cfg.step_s, size=len(top))
         sim.place_request(slot, int(qs[r]), qs[top], -ages)  # at sim time 0: created_at = -age
         slot += 1

@@ -121,7 +121,7 @@ class ScoreCache:
         from policy import data as D
 
         self.path = Path(path) if path else D.cache_dir() / "verifier-scores.sqlite"
-        self._db = sqlite3.connect(str(self.path))
+        self._db = sqlite3.connect(str(self.path), timeout=120)  # training processes share it
         self._db.execute("CREATE TABLE IF NOT EXISTS score (model TEXT, key TEXT, value REAL, PRIMARY KEY (model, key))")
 
     @staticmethod

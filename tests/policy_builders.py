@@ -14,15 +14,17 @@ from velo_proxy import features as F
 
 
 class RuleActor(nn.Module):
-    """logits: A = steep(top similarity - serve_above), B = 0, C = c_logit; no hits -> B."""
+    """logits: A = steep(top hit's feature - serve_above), B = 0, C = c_logit; no hits -> B. The feature
+    is the similarity, or another hit feature (``on``), e.g. the verifier's score."""
 
-    def __init__(self, *, serve_above: float, c_logit: float) -> None:
+    def __init__(self, *, serve_above: float, c_logit: float, on: str = "similarity") -> None:
         super().__init__()
         self.serve_above = serve_above
         self.c_logit = c_logit
+        self.column = F.HIT_FEATURE_NAMES.index(on)
 
     def forward(self, request_embedding, hit_embeddings, hit_features, hit_mask):
-        top = hit_features[:, 0, F.HIT_FEATURE_NAMES.index("similarity")]
+        top = hit_features[:, 0, self.column]
         logit_a = 60.0 * (top - self.serve_above)
         logits = torch.stack([logit_a, torch.zeros_like(top), torch.full_like(top, self.c_logit)], dim=-1)
         return _mask_unavailable(logits, hit_mask)
@@ -30,9 +32,9 @@ class RuleActor(nn.Module):
 
 def export_rule_policy(path: Path, *, embedder_id: str, version: str, serve_above: float = 0.9,
                        c_logit: float = -20.0, dim: int = 384, top_p: int = 5,
-                       thresholds: dict[str, float] | None = None) -> Path:
+                       thresholds: dict[str, float] | None = None, on: str = "similarity") -> Path:
     calibration = {"format": 1, "default_delta": 0.02,
                    "thresholds": thresholds or {"0.01": 0.9, "0.02": 0.5, "0.05": 0.3}}
-    export_onnx(RuleActor(serve_above=serve_above, c_logit=c_logit), Path(path), dim=dim, top_p=top_p,
+    export_onnx(RuleActor(serve_above=serve_above, c_logit=c_logit, on=on), Path(path), dim=dim, top_p=top_p,
                 embedder_id=embedder_id, policy_version=version, calibration=calibration)
     return Path(path)

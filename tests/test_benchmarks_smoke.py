@@ -67,7 +67,7 @@ def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_data_and_embedder()
     import quality
 
-    monkeypatch.setattr(quality, "load_lrs", lambda embedder, delta: _StubLRS(delta))
+    monkeypatch.setattr(quality, "load_lrs", lambda embedder, delta, verifier=None: _StubLRS(delta))
     out = tmp_path / "q.json"
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nhand-written intro\n")

@@ -337,7 +337,8 @@ def _pod_env(docs: list[dict], c: dict, image_env: dict[str, str]) -> dict[str, 
     return env
 
 
-def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, *, drop: tuple[str, ...] = ()):
+def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, verifier_dir: Path, *,
+                     drop: tuple[str, ...] = ()):
     """Render the learning loop, then run the CronJob's container command here with its pod's environment.
     Paths are mapped: each volumeMount to a local directory, the image's embedder to the exported one (after
     checking the train image carries it); every other absolute path in the environment points into a local
@@ -354,12 +355,13 @@ def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, *, drop
     image_env = _image_env("train")
     # the image carries the embedder its ENV names: the train target copies the exporter's models
     models = [a for s in _image_stages("train") for a in s.args("COPY") if "--from=exporter" in a]
-    assert any(image_env["VELO_EMBEDDER_DIR"].startswith(a.split()[-1].rstrip("/") + "/") for a in models), models
+    for name in ("VELO_EMBEDDER_DIR", "VELO_VERIFIER_DIR"):  # and the pair verifier (hit features of the policy)
+        assert any(image_env[name].startswith(a.split()[-1].rstrip("/") + "/") for a in models), (name, models)
     env = {k: v for k, v in _pod_env(docs, c, image_env).items() if k not in drop}
 
     rootfs = tmp_path / "rootfs"
     rootfs.mkdir()
-    mapping = {image_env["VELO_EMBEDDER_DIR"]: embedder_dir}
+    mapping = {image_env["VELO_EMBEDDER_DIR"]: embedder_dir, image_env["VELO_VERIFIER_DIR"]: verifier_dir}
     for m in c["volumeMounts"]:
         mapping[m["mountPath"]] = tmp_path / "volumes" / m["name"]
         mapping[m["mountPath"]].mkdir(parents=True)
@@ -394,29 +396,33 @@ def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, *, drop
     return done, report, mapping, c
 
 
-def test_retrain_cronjob_gets_every_file_and_variable_it_reads(tmp_path: Path, redis_server, embedder_dir) -> None:
+def test_retrain_cronjob_gets_every_file_and_variable_it_reads(tmp_path: Path, redis_server, embedder_dir,
+                                                              verifier_dir) -> None:
     """`velo-proxy retrain` checks every input before it reads the experience (policy.retrain.preflight): Redis,
-    the policy directory, the checkpoint, the embedder, the simulator's texts, its cache. Run with the pod's
+    the policy directory, the checkpoint, the embedder, the pair verifier, the simulator's texts, its cache. Run
+    with the pod's
     environment and an empty Redis, it finds them all and stops at "no logged decisions yet" (exit 0)."""
-    done, report, mapping, c = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir)
+    done, report, mapping, c = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, verifier_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert report["published"] is False and report["decisions"] == 0 and "logged decisions" in report["reason"]
     inputs = report["inputs"]
     mounts = {m["name"]: mapping[m["mountPath"]] for m in c["volumeMounts"]}
     assert inputs["redis"] == "ok"
     assert inputs["policy_dir"] == str(mounts["policy"])
-    assert inputs["embedder_dir"] == str(embedder_dir)
+    assert inputs["embedder_dir"] == str(embedder_dir) and inputs["verifier_dir"] == str(verifier_dir)
     assert inputs["checkpoint"]["version"] == "lrs-default" and Path(inputs["checkpoint"]["path"]).is_file()
     # no datasets directory in the pod: the simulator's texts are the package's snapshot
     assert inputs["simulator_data"]["source"].startswith("package snapshot") and inputs["simulator_data"]["clusters"] > 1000
     assert Path(inputs["cache_dir"]).is_relative_to(mounts["tmp"])  # $HOME=/tmp, the writable emptyDir
 
 
-def test_retrain_cronjob_fails_fast_on_a_missing_input(tmp_path: Path, redis_server, embedder_dir) -> None:
-    """The same pod on an image without the embedder: the job fails at once, naming the setting."""
-    done, report, _, _ = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, drop=("VELO_EMBEDDER_DIR",))
+@pytest.mark.parametrize("missing", ["VELO_EMBEDDER_DIR", "VELO_VERIFIER_DIR"])
+def test_retrain_cronjob_fails_fast_on_a_missing_input(tmp_path: Path, redis_server, embedder_dir, verifier_dir,
+                                                       missing: str) -> None:
+    """The same pod on an image without the embedder or the verifier: the job fails at once, naming the setting."""
+    done, report, _, _ = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, verifier_dir, drop=(missing,))
     assert done.returncode == 1
-    assert report["published"] is False and "VELO_EMBEDDER_DIR" in report["reason"]
+    assert report["published"] is False and missing in report["reason"]
 
 
 def test_retrain_data_is_package_data() -> None:

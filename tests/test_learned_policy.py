@@ -253,8 +253,8 @@ def test_republished_file_is_named_by_the_directory_and_loaded_once(make_proxy, 
     assert "velo_policy_reloads_total 1.0" in httpx.get(f"{proxy.url}/metrics").text
 
 
-def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, redis_server, serve_policy,
-                                                          paraphrase):
+def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, verifier_dir, redis_server,
+                                                          serve_policy, paraphrase):
     """The same request through the proxy (store, engine, experience stream) and through the training
     simulator's cache (policy.sim.EdgeCache) gives the same observation."""
     from policy.sim import EdgeCache, SimEntry
@@ -281,9 +281,23 @@ def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_d
     cache = EdgeCache(dim=384, capacity=8)
     cache.add(SimEntry(vector=u_original[0], answer=np.zeros(384, np.float32), cluster=0,
                        created_at=entry["created_at"], use_count=entry["use_count"], cache_value=entry["cache_value"]))
-    sim_obs = F.build_observation(u_similar[0], cache.search(u_similar[0], 5), top_p=5, now=float(logged["obs_now"]))
+    # the simulator's verifier path (policy.pair_scores) with the proxy's verifier and rule
+    from types import SimpleNamespace
+
+    from policy.pair_scores import PairScores
+    from velo_proxy.verifier import PairVerifier
+
+    verifier = PairVerifier(verifier_dir)
+    scorer = PairScores(rule=verifier.rule(0.02), verifier_key="test", _scorer=verifier.score_pairs)
+    sim_hits = cache.search(u_similar[0], 5)
+    sim_hits[0].entry.qid = 1
+    scores = scorer.lookup(SimpleNamespace(q_text=[similar, original]), [(0, sim_hits)])[0]
+    assert list(scores) == [0] and 0 < scores[0] <= 1  # the one hit, above the cosine floor, is verified
+    sim_obs = F.build_observation(u_similar[0], sim_hits, top_p=5, now=float(logged["obs_now"]), scores=scores)
     for name in ("request_embedding", "hit_embeddings", "hit_features", "hit_mask"):
-        np.testing.assert_allclose(getattr(proxy_obs, name), getattr(sim_obs, name), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(getattr(proxy_obs, name), getattr(sim_obs, name), atol=1e-5, err_msg=name)
+    assert proxy_obs.hit_features[0, F.HIT_FEATURE_NAMES.index("verified")] == 1.0
+    assert float(served["x-velo-verifier"]) == pytest.approx(scores[0], abs=1e-3)
 
 
 def test_observation_encoding_round_trip():
@@ -300,6 +314,41 @@ def test_observation_encoding_round_trip():
 def test_default_proxy_runs_the_shipped_policy(make_proxy, embedder_dir, paraphrase):
     proxy = make_proxy(policy="learned", admin_key=ADMIN)
     _, headers = ask(proxy, paraphrase[0])
-    assert headers["x-velo-policy"] == "lrs-default-3"
+    assert headers["x-velo-policy"] == "lrs-default-4"
     ready = httpx.get(f"{proxy.url}/readyz").json()
-    assert ready["checks"]["policy"]["detail"] == "lrs-default-3"
+    assert ready["checks"]["policy"]["detail"] == "lrs-default-4"
+
+
+def test_the_actor_reads_the_verifier_scores_and_the_veto_has_the_last_word(tmp_path):
+    """Feature version 2: the scores the engine passes to ``decide`` reach the ONNX actor as hit features
+    (an actor that serves on the verifier's score serves exactly the well-scored hits); with the veto an A
+    still needs the verifier's own threshold."""
+    from types import SimpleNamespace
+
+    from velo_proxy.policy import LearnedPolicy
+    from velo_proxy.verifier import VerifyRule
+
+    path = export_rule_policy(tmp_path / "on-score.onnx", embedder_id=EMBEDDER_ID, version="on-score",
+                              serve_above=0.5, on="verifier_score")
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal(384).astype(np.float32)
+    u /= np.linalg.norm(u)
+    hits = [SimpleNamespace(similarity=0.96, entry=SimpleNamespace(vector=u, kind=0, cache_value=0.0, use_count=0,
+                                                                   created_at=0.0))]
+    rule = VerifyRule(cosine_floor=0.75, top_k=3, threshold=0.95)
+
+    def decide(scores, *, veto):
+        policy = LearnedPolicy(path, embedder_id=EMBEDDER_ID, dim=384, max_false_hit_rate=0.02, verify_rule=rule,
+                               veto=veto)
+        assert policy.to_verify(hits) == [0]
+        return policy.decide(u, hits, now=1.0, scores=scores)
+
+    served = decide({0: 0.9}, veto=False)
+    assert served.action == "A" and served.verifier_score == pytest.approx(0.9)
+    row = dict(zip(F.HIT_FEATURE_NAMES, served.observation.hit_features[0]))
+    assert row["verified"] == 1.0 and row["verifier_score"] == pytest.approx(0.9)
+    assert decide({0: 0.1}, veto=False).action == "B"  # same similarity, a low score: forwarded
+    assert decide(None, veto=False).action == "B"  # the verifier failed: nothing verified, nothing served
+    vetoed = decide({0: 0.9}, veto=True)  # the actor would serve; 0.9 is below the verifier's 0.95
+    assert vetoed.action == "B" and vetoed.vetoed
+    assert decide({0: 0.97}, veto=True).action == "A"

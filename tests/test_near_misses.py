@@ -88,8 +88,8 @@ def test_paraphrases_are_still_served(default_results):
 
 
 def test_the_default_bound_serves_only_what_is_calibrated(make_proxy, embedder_dir, verifier_dir):
-    """VELO_MAX_FALSE_HIT_RATE below every calibrated delta: no semantic hit (never an unproven one);
-    exact repeats are still answered from the cache."""
+    """VELO_MAX_FALSE_HIT_RATE below every calibrated delta: no semantic hit (never an unproven one), and
+    no verifier call either (nothing could be served); exact repeats are still answered from the cache."""
     thresholds = json.loads((verifier_dir / "velo_verifier.json").read_text())["calibration"]["thresholds"]
     strict = min(float(d) for d in thresholds) / 2
     server = make_proxy(policy="verified", max_false_hit_rate=strict, admin_key=ADMIN)
@@ -97,9 +97,12 @@ def test_the_default_bound_serves_only_what_is_calibrated(make_proxy, embedder_d
     ask(server, pair["cached"], "t")
     settle(server)
     _, h = ask(server, pair["asked"], "t")
-    assert h["x-velo-action"] == "B" and float(h["x-velo-verifier"]) > 0.9  # verified, and still not served
+    assert h["x-velo-action"] == "B" and h["x-velo-verifier"] == "" and float(h["x-velo-similarity"]) > 0.75
     _, again = ask(server, pair["cached"], "t")
     assert again["x-velo-action"] == "exact"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "velo_verifier_pairs_total 0.0" in metrics  # the hot path skipped a call whose answer could not matter
+    assert 'velo_verifier_outcomes_total{outcome="no_candidate"} 1.0' in metrics
 
 
 def test_verifier_scores_are_in_headers_and_metrics(default_results):

@@ -162,3 +162,26 @@ def test_only_complete_plain_text_answers_are_cacheable():
                             usage=None) is None
     assert cacheable_answer({"role": "assistant", "content": [{"type": "text", "text": "x"}]}, finished=True,
                             usage=None) is None
+
+
+def test_an_unusable_shipped_policy_falls_back_to_the_verified_policy(metrics, verifier_dir):
+    """`VELO_POLICY=learned` with a shipped policy that does not fit the embedder: the proxy falls back to
+    the policy that holds the operator's bound (verified), never to the unverified cosine threshold."""
+    from types import SimpleNamespace
+
+    from velo_proxy.policy import VerifiedPolicy
+    from velo_proxy.policy_manager import PolicyManager
+    from velo_proxy.verifier import PairVerifier
+
+    errors: dict[str, str] = {}
+    manager = PolicyManager(settings=Settings(policy="learned", max_false_hit_rate=0.1), metrics=metrics,
+                            load_errors=errors)
+    foreign = SimpleNamespace(id="someone-elses-embedder", dim=384)
+
+    async def start() -> None:
+        manager.start(embedder=foreign, verifier=PairVerifier(verifier_dir))
+        await manager.aclose()
+
+    asyncio.run(start())
+    assert isinstance(manager.current, VerifiedPolicy) and manager.current.verify_rule is not None
+    assert "someone-elses-embedder" in errors["policy"]

@@ -140,3 +140,69 @@ def test_quantile_thresholds_round_down():
     assert taus == [0.9999] and all((p_a >= t).all() for t in taus)
     assert quantile_thresholds(np.linspace(0, 1, 11), (0.5,)) == [0.5]
     assert quantile_thresholds(np.zeros(0), (0.5,)) == []
+
+
+def test_clusters_stream_is_shaped_like_the_benchmark():
+    """The default stream: whole groups, every text once per episode, clusters interleaved."""
+    data = synthetic_dataset(n_clusters=300)
+    sim = make_sim(data, n_agents=2, episode_len=40)
+    assert sim.cfg.stream == "clusters"
+    sim.reset()
+    per_region = [[], []]
+    for _ in range(39):
+        for r in range(2):
+            per_region[r].append(sim.requests[r]["q"])
+        sim.step([B, B])
+    for texts in per_region:
+        assert len(set(texts)) == len(texts)  # no text twice in an episode: the exact tier never answers
+    clusters = [int(data.q_cluster[q]) for q in per_region[0]]
+    # texts of one cluster arrive apart, not in a block (random order over the episode)
+    firsts = {c: clusters.index(c) for c in set(clusters)}
+    assert any(clusters.index(c, firsts[c] + 1) > firsts[c] + 1 for c in firsts if clusters.count(c) > 1)
+    zipf = make_sim(data, n_agents=1, episode_len=200, stream="zipf")
+    zipf.reset()
+    seen = [zipf.requests[0]["q"]]
+    for _ in range(150):
+        zipf.step([B])
+        seen.append(zipf.requests[0]["q"])
+    assert len(set(seen)) < len(seen)  # the paper's stream repeats popular texts
+    with pytest.raises(ValueError):
+        make_sim(data, stream="bursty")
+
+
+def test_verifier_scores_are_hit_features_of_the_verified_hits():
+    """The hits the serving rule verifies (top_k above the cosine floor) carry the verifier's score and
+    flag; the others carry neither, as in the proxy."""
+    from policy.pair_scores import PairScores
+    from velo_proxy.verifier import VerifyRule
+
+    data = synthetic_dataset(n_clusters=120)
+    calls = []
+
+    def scorer(qa, qb):  # stands in for the cross-encoder: right about the cluster, by text
+        calls.append(len(qa))
+        return np.array([0.9 if data.q_cluster[int(a[1:])] == data.q_cluster[int(b[1:])] else 0.2
+                         for a, b in zip(qa, qb)], dtype=np.float32)
+
+    rule = VerifyRule(cosine_floor=0.3, top_k=2, threshold=0.5)
+    data.pair_scores = PairScores(rule=rule, verifier_key="fake", _scorer=scorer)
+    sim = make_sim(data, n_agents=2, episode_len=200)
+    obs = sim.reset()
+    k_score, k_flag = F.HIT_FEATURE_NAMES.index("verifier_score"), F.HIT_FEATURE_NAMES.index("verified")
+    checked = 0
+    for _ in range(120):
+        for i, o in enumerate(obs):
+            sims = [h.similarity for h in sim.hits[i]]
+            expected = rule.candidates(sims)
+            flags = o.hit_features[:, k_flag]
+            assert np.flatnonzero(flags).tolist() == expected
+            for j in expected:
+                same = sim.hits[i][j].entry.cluster == sim.requests[i]["cluster"]
+                assert o.hit_features[j, k_score] == pytest.approx(0.9 if same else 0.2)
+                checked += 1
+        _, _, _, obs = sim.step([B, B])
+    assert checked > 20 and sum(calls) == len(data.pair_scores.table)  # each pair scored once
+    assert len(calls) < 120  # batched: at most one call per step
+    data.pair_scores = None
+    bare = make_sim(data, n_agents=1).reset()
+    assert not any(o.hit_features[:, k_flag].any() for o in bare)  # no verifier: nothing verified

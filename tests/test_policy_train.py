@@ -23,10 +23,13 @@ from velo_proxy import features as F  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(test_data, embedder_dir):
+def tiny(test_data, embedder_dir, verifier_dir):
+    from policy.pair_scores import attach_installed_verifier
     from velo_proxy.embedder import OnnxEmbedder
 
-    return build_dataset(DataSpec.tiny(), OnnxEmbedder(embedder_dir, threads=2), progress=False)
+    data = build_dataset(DataSpec.tiny(), OnnxEmbedder(embedder_dir, threads=2), progress=False)
+    attach_installed_verifier(data, verifier_dir=verifier_dir, progress=False)  # the real verifier's scores
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,13 @@ def test_neighbour_demos_are_labelled_training_decisions(tiny):
     # the expert serves (A) true duplicates, which are more similar on average than what it forwards (B)
     sims = feats[:, 0, F.HIT_FEATURE_NAMES.index("similarity")]
     assert sims[label == 0].mean() > sims[label == 1].mean()
+    # the verifier's scores are features of the verified hits, and it scores served duplicates higher
+    flag, score = feats[..., F.HIT_FEATURE_NAMES.index("verified")], feats[..., F.HIT_FEATURE_NAMES.index("verifier_score")]
+    rule = tiny.pair_scores.rule
+    assert flag.sum() > 0 and torch.all(flag.sum(1) <= rule.top_k) and torch.all(score[flag == 0] == 0)
+    assert torch.all(feats[..., 0][flag == 1] >= rule.cosine_floor - 1e-6)
+    served, forwarded = score[label == 0][:, 0], score[label == 1][:, 0]
+    assert served.mean() > forwarded.mean()
 
 
 def test_training_is_reproducible(tiny):
@@ -171,8 +181,11 @@ def test_collect_calibration_records_under_a_driver(tiny, trained):
     # the run is the driver's: same metrics as evaluating the threshold alone on that seed
     assert rec["metrics"] == evaluate(tiny, StaticThreshold(0.9), cfg, 150, seed=9)
     n = len(rec["p_a"])
-    assert n > 0 and all(len(rec[k]) == n for k in ("similarity", "relevant", "source"))
+    assert n > 0 and all(len(rec[k]) == n for k in ("similarity", "relevant", "source", "verifier"))
     assert ((rec["p_a"] >= 0) & (rec["p_a"] <= 1)).all() and (rec["similarity"] <= 1.0 + 1e-5).all()
+    # the Eq. 4 entry's verifier score where the rule verified it (cosine above the floor), NaN elsewhere
+    verified = np.isfinite(rec["verifier"])
+    assert verified.any() and (rec["similarity"][verified] >= tiny.pair_scores.rule.cosine_floor - 1e-6).all()
 
 
 def test_roc_auc_by_hand():

@@ -76,6 +76,19 @@ def test_verify_rule_takes_top_k_above_the_floor_and_serves_the_best_score():
     assert rule.choose([], []) is None
 
 
+def test_verified_policy_verifies_only_what_it_could_serve():
+    """Without a threshold calibrated for the bound nothing can be served, so no hit costs a verifier call;
+    the learned policy still verifies its candidates, because their scores are its features."""
+    from types import SimpleNamespace
+
+    from velo_proxy.policy import VerifiedPolicy
+
+    hits = [SimpleNamespace(similarity=s) for s in (0.97, 0.9, 0.7)]
+    assert VerifiedPolicy(rule=VerifyRule(0.75, 3, 0.9), version="v").to_verify(hits) == [0, 1]
+    assert VerifiedPolicy(rule=VerifyRule(0.75, 3, float("inf")), version="v").to_verify(hits) == []
+    assert VerifiedPolicy(rule=None, version="v").to_verify(hits) == []
+
+
 def test_threshold_for_takes_the_strictest_calibrated_bound_not_above_delta():
     cal = {"thresholds": {"0.01": 0.99, "0.02": 0.97, "0.05": 0.9}}
     assert threshold_for(cal, 0.02) == 0.97

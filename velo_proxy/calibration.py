@@ -31,15 +31,21 @@ def delta_key(delta: float) -> str:
     return f"{delta:g}"
 
 
-def serve_threshold(calibration: dict[str, Any], max_false_hit_rate: float) -> float:
-    """The P(A) threshold calibrated for the largest tabulated delta not above the operator's bound
-    (conservative: a bound between two calibrated deltas uses the stricter one). ``calibration`` is
-    the export's ``velo_calibration`` JSON: ``{"thresholds": {"0.02": 0.88, ...}, ...}``."""
-    rows = sorted((float(delta), float(threshold)) for delta, threshold in calibration["thresholds"].items())
+def threshold_for_bound(thresholds: dict[str, float], max_false_hit_rate: float, *, none: float) -> float:
+    """The threshold tabulated for the largest delta not above the operator's bound (conservative: a
+    bound between two calibrated deltas uses the stricter one); ``none`` when every tabulated delta is
+    above the bound. The one reading of a calibration table, for the learned policy's P(A) table and
+    the pair verifier's score table alike."""
+    rows = sorted((float(delta), float(threshold)) for delta, threshold in thresholds.items())
     eligible = [threshold for delta, threshold in rows if delta <= max_false_hit_rate + 1e-12]
-    if not eligible:
-        return NEVER_SERVE  # stricter than anything calibrated: never serve from the cache
-    return eligible[-1]
+    return eligible[-1] if eligible else none
+
+
+def serve_threshold(calibration: dict[str, Any], max_false_hit_rate: float) -> float:
+    """The P(A) threshold for the operator's bound (``threshold_for_bound``; stricter than anything
+    calibrated: ``NEVER_SERVE``). ``calibration`` is the export's ``velo_calibration`` JSON:
+    ``{"thresholds": {"0.02": 0.88, ...}, ...}``."""
+    return threshold_for_bound(calibration["thresholds"], max_false_hit_rate, none=NEVER_SERVE)
 
 
 def serving_actions(probs: np.ndarray, tau: float | None, *, has_hits: np.ndarray | None = None) -> np.ndarray:

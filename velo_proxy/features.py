@@ -8,6 +8,12 @@ For one request an observation holds:
 - ``hit_features`` float32 ``[P, K]``: per-hit scalars named by ``HIT_FEATURE_NAMES``;
 - ``hit_mask`` float32 ``[P]``: 1 for a real hit, 0 for padding (padding rows are all zeros).
 
+Since version 2 a hit row carries the pair verifier's score (``velo_proxy.verifier``) of (request,
+cached question) when the serving rule verified that hit (``VerifyRule.candidates``: the best
+``top_k`` hits above the cosine floor), and a flag saying so. Training and serving verify the same
+hits: the simulator looks the scores up in a table made by the same verifier (``policy/pair_scores.py``),
+the proxy scores them in one batched call before the policy decides.
+
 The exported actor takes these four arrays, batched, under the same names (``stack_observations``),
 and returns action probabilities in the order A (serve from cache), B (forward), C (augment).
 
@@ -19,11 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-FEATURE_VERSION: int = 1
+FEATURE_VERSION: int = 2
 
 #: Per-hit scalar features, in column order of ``hit_features``.
 HIT_FEATURE_NAMES: tuple[str, ...] = (
@@ -35,6 +41,8 @@ HIT_FEATURE_NAMES: tuple[str, ...] = (
     "log_age",  # log1p(age in seconds) / 15
     "rank",  # i / P (0 for the best hit)
     "gap_to_top",  # similarity of the best hit minus this one's (>= 0)
+    "verifier_score",  # the pair verifier's P(same request) of (request, this hit's question); 0 if not verified
+    "verified",  # 1 when the verifier scored this hit, 0 when it did not (below the floor, beyond top_k, failed)
 )
 K: int = len(HIT_FEATURE_NAMES)
 
@@ -57,9 +65,11 @@ class Observation:
 
 
 def hit_feature_row(similarity: float, *, kind: int, cache_value: float, use_count: int, age_s: float,
-                    rank: int, top_p: int, top_similarity: float) -> np.ndarray:
-    """The ``K`` scalars of one hit (exposed so tests and the docs can see the exact scaling)."""
+                    rank: int, top_p: int, top_similarity: float, verifier_score: float | None = None) -> np.ndarray:
+    """The ``K`` scalars of one hit (exposed so tests and the docs can see the exact scaling).
+    ``verifier_score`` None: the hit was not verified."""
     s = float(similarity)
+    verified = verifier_score is not None and math.isfinite(float(verifier_score))
     return np.array(
         [
             s,
@@ -70,13 +80,19 @@ def hit_feature_row(similarity: float, *, kind: int, cache_value: float, use_cou
             math.log1p(max(0.0, float(age_s))) / 15.0,
             rank / float(top_p),
             max(0.0, float(top_similarity) - s),
+            min(1.0, max(0.0, float(verifier_score))) if verified else 0.0,
+            1.0 if verified else 0.0,
         ],
         dtype=np.float32,
     )
 
 
-def build_observation(request_embedding: np.ndarray, hits: Sequence[Any], *, top_p: int, now: float) -> Observation:
+def build_observation(request_embedding: np.ndarray, hits: Sequence[Any], *, top_p: int, now: float,
+                      scores: Mapping[int, float] | None = None) -> Observation:
     """Observation of one request from the store's hits (``Hit(entry, similarity)``, best first).
+
+    ``scores``: the pair verifier's score per hit index (the hits it verified); None or missing
+    indices: not verified.
 
     Only the first ``top_p`` hits are used; missing ones are zero rows with mask 0. ``hits`` may be
     any objects with ``.similarity`` and ``.entry`` (``.vector``, ``.kind``, ``.cache_value``,
@@ -96,6 +112,7 @@ def build_observation(request_embedding: np.ndarray, hits: Sequence[Any], *, top
             feats[i] = hit_feature_row(
                 h.similarity, kind=e.kind, cache_value=e.cache_value, use_count=e.use_count,
                 age_s=now - e.created_at, rank=i, top_p=top_p, top_similarity=top,
+                verifier_score=scores.get(i) if scores else None,
             )
             mask[i] = 1.0
     return Observation(u, hit_emb, feats, mask)

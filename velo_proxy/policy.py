@@ -5,8 +5,9 @@ B (forward upstream) or C (forward with cached Q&A as context).
   scores at or above the threshold calibrated for the operator's false-hit bound.
 - ``ThresholdPolicy``: the static cosine threshold GPTCache and LiteLLM ship (unverified).
 - ``LearnedPolicy``: the exported LRS actor (ONNX, onnxruntime only), fed by ``velo_proxy.features``
-  exactly as in training, with the calibrated rule that bounds the false-hit rate; with a
-  ``verify_rule`` its A decisions are served only when the verifier passes the entry.
+  exactly as in training — the verifier's scores of the hits the ``verify_rule`` selects are hit
+  features (feature version 2) — with the calibrated rule that bounds the false-hit rate; with
+  ``veto`` its A decisions are served only when the verifier's score reaches the rule's threshold.
 
 A policy with a ``verify_rule`` tells the engine which hits to verify (``to_verify``); the engine
 scores them in one batched verifier call and passes ``scores`` (hit index -> score) to ``decide``.
@@ -30,7 +31,7 @@ import numpy as np
 from velo_proxy import features as F
 # the serving rule's calibration and the policy directory have homes of their own, shared with policy/;
 # re-exported because callers import them from here
-from velo_proxy.calibration import serve_threshold  # noqa: F401
+from velo_proxy.calibration import serve_threshold, serving_actions  # noqa: F401
 from velo_proxy.policy_dir import CURRENT, PolicyDirectory  # noqa: F401
 from velo_proxy.store.base import Hit
 from velo_proxy.verifier import VerifyRule
@@ -93,6 +94,12 @@ class VerifiedPolicy(Policy):
             return Decision("B", None, 1.0, verifier_score=_best_score(scores))
         return Decision("A", hits[pick], 1.0, verifier_score=scores[pick])
 
+    def to_verify(self, hits: Sequence[Hit]) -> list[int]:
+        # no calibrated threshold for this bound: nothing could be served, so nothing is worth a verifier call
+        if self.verify_rule is None or not np.isfinite(self.verify_rule.threshold):
+            return []
+        return super().to_verify(hits)
+
 
 class ThresholdPolicy(Policy):
     """Serve the best hit when its cosine similarity reaches a fixed threshold; otherwise forward."""
@@ -124,10 +131,13 @@ class LearnedPolicy(Policy):
 
     def __init__(self, path: Path, *, embedder_id: str, dim: int, max_false_hit_rate: float,
                  exploration_rate: float = 0.0, seed: int | None = None, version: str | None = None,
-                 verify_rule: VerifyRule | None = None) -> None:
+                 verify_rule: VerifyRule | None = None, veto: bool = True) -> None:
         import onnxruntime as ort
 
+        # which hits the engine verifies (their scores are features); without a rule none is, and
+        # with ``veto`` an A is then never served
         self.verify_rule = verify_rule
+        self.veto = veto
         self.path = Path(path)
         if not self.path.exists():
             raise PolicyMismatch(f"policy file {self.path} does not exist")
@@ -183,15 +193,12 @@ class LearnedPolicy(Policy):
         return self.session.run([self._output], {name: feeds[name] for name in self._inputs})[0]
 
     def rule(self, p: np.ndarray, has_hits: bool) -> int:
-        if has_hits and p[F.ACTION_A] >= self.threshold:
-            return F.ACTION_A
-        if has_hits and p[F.ACTION_C] > p[F.ACTION_B]:
-            return F.ACTION_C
-        return F.ACTION_B
+        """The shared serving rule (``velo_proxy.calibration.serving_actions``) on one row of P."""
+        return int(serving_actions(np.asarray(p)[None], self.threshold, has_hits=np.array([has_hits]))[0])
 
     def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
                scores: dict[int, float] | None = None) -> Decision:
-        observation = F.build_observation(request_vector, hits, top_p=self.top_p, now=now)
+        observation = F.build_observation(request_vector, hits, top_p=self.top_p, now=now, scores=scores)
         p = self.probs([observation])[0]
         has_hits = bool(hits)
         greedy = chosen = self.rule(p, has_hits)
@@ -207,10 +214,11 @@ class LearnedPolicy(Policy):
         if chosen in (F.ACTION_A, F.ACTION_C):
             index = F.select_entry(hits, top_p=self.top_p)
             entry = hits[index] if index is not None else None
-        if chosen == F.ACTION_A and self.verify_rule is not None:
+        if chosen == F.ACTION_A and self.veto:
             # the verifier has the last word on A: an entry it did not pass is forwarded
             score = (scores or {}).get(index) if index is not None else None
-            if score is None or score < self.verify_rule.threshold:
+            threshold = self.verify_rule.threshold if self.verify_rule is not None else float("inf")
+            if score is None or score < threshold:
                 chosen, entry, vetoed = F.ACTION_B, None, True
         score = (scores or {}).get(index) if index is not None and entry is not None else _best_score(scores)
         return Decision(ACTIONS[chosen], entry, float(probability), tuple(float(x) for x in p), observation, explored,

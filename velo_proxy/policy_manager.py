@@ -62,17 +62,17 @@ class PolicyManager:
         return VerifiedPolicy(rule=rule, version=version, top_p=self.settings.top_p_hits)
 
     def load_policy(self, path: Any, *, version: str | None = None) -> LearnedPolicy:
-        rule = None
-        if self.settings.verify_learned:
-            # without a verifier the rule is "never passes" (threshold inf): no unverified A
-            rule = self.verify_rule() or VerifyRule(cosine_floor=1.01, top_k=0, threshold=float("inf"))
+        # the verifier's scores are features of the policy; without a verifier no hit is verified
+        # (and with the veto no A is served)
+        rule = self.verify_rule() or VerifyRule(cosine_floor=1.01, top_k=0, threshold=float("inf"))
         return LearnedPolicy(path, embedder_id=self.embedder.id, dim=self.embedder.dim,
                              max_false_hit_rate=self.settings.max_false_hit_rate,
-                             exploration_rate=self.settings.exploration_rate, version=version, verify_rule=rule)
+                             exploration_rate=self.settings.exploration_rate, version=version, verify_rule=rule,
+                             veto=self.settings.verify_learned)
 
     def _load_initial_policy(self) -> None:
         """An explicitly configured policy must load (a mismatch stops the proxy with the reason);
-        otherwise the newest published version, then the shipped default, then the threshold policy."""
+        otherwise the newest published version, then the shipped default, then the verified policy."""
         if self.settings.policy_path is not None:
             self.current = self.load_policy(self.settings.policy_path)
             return
@@ -88,8 +88,10 @@ class PolicyManager:
         try:
             self.current = self.load_policy(default_policy_path())
         except PolicyMismatch as exc:
+            # the fallback holds the operator's bound too: the verified policy, never the unverified threshold
             self.load_errors["policy"] = str(exc)
-            log.warning("shipped policy not usable (%s); using the threshold policy", exc)
+            self.current = self.verified_policy()
+            log.warning("shipped policy not usable (%s); using the verified policy", exc)
 
     # ----- hot reload -------------------------------------------------------------------------------
     def _show_policy(self) -> None:

@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     verifier_timeout_ms: float = Field(
         300.0, gt=0, description="Deadline of one verifier call; past it, no semantic hit (the request goes upstream).")
     verify_learned: bool = Field(
-        True, description="Verify the learned policy's A decisions too (a hit the verifier rejects is forwarded).")
+        True, description="The learned policy's A decisions must also pass the verifier's threshold for the "
+        "bound (a hit it rejects is forwarded); the verifier's scores are the policy's features either way.")
 
     # --- embedder ---------------------------------------------------------------------------
     embedder_dir: Path = Field(

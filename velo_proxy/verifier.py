@@ -70,9 +70,9 @@ def threshold_for(calibration: dict[str, Any], max_false_hit_rate: float) -> flo
     """The score threshold calibrated for the largest tabulated delta not above the operator's bound
     (a bound between two calibrated deltas takes the stricter one; below all of them: never serve).
     ``calibration``: ``{"thresholds": {"0.02": 0.93, ...}, ...}``."""
-    rows = sorted((float(d), float(t)) for d, t in calibration.get("thresholds", {}).items())
-    eligible = [t for d, t in rows if d <= max_false_hit_rate + 1e-12]
-    return eligible[-1] if eligible else float("inf")
+    from velo_proxy.calibration import threshold_for_bound
+
+    return threshold_for_bound(calibration.get("thresholds", {}), max_false_hit_rate, none=float("inf"))
 
 
 def _cut(text: str) -> str:
