@@ -757,6 +757,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                   "negatives": int((~pos).sum()), "curves": {}, "points": {}, "check": {}}
             t0 = time.perf_counter()
             rp = Replay(w.emb, w.cluster, m=args.neighbours)
+            score_pair = pair_scorer(w, verifier)  # one memo per workload, shared by every LRS run on it
             wr["neighbours_s"] = round(time.perf_counter() - t0, 2)
             # static thresholds: the curve from the replay
             curve = []
@@ -769,7 +770,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             wr["points"]["oracle (top-5)"] = {"engine": "replay", **m}
             # LRS: curve over P(A) thresholds, calibrated points
             if lrs_ok:
-                lr = LrsReplay(lrs[DELTAS[0]], w.emb, pair_scorer(w, verifier))
+                lr = LrsReplay(lrs[DELTAS[0]], w.emb, score_pair)
                 # P(A) spans orders of magnitude (calibrated thresholds sit near 0.4, high-hit-rate points
                 # near 0.001): log-spaced below 0.05, linear above
                 k = max(2, args.lrs_steps // 3)
@@ -798,10 +799,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 systems.append((f"threshold {t:g}", ThresholdPolicy(threshold=t, top_p=TOP_P), threshold_decider(t)))
             if lrs_ok:
                 for d in DELTAS:
-                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, pair_scorer(w, verifier)).decider(lrs[d].threshold)))
+                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, score_pair).decider(lrs[d].threshold)))
             for name, policy, rdecide in systems:
                 if args.store:
-                    o = run_store(w, policy, workdir=workdir, pair_score=pair_scorer(w, verifier))
+                    o = run_store(w, policy, workdir=workdir, pair_score=score_pair)
                     m = o.metrics(pos, w)
                     wr["points"][name] = {"engine": "store", **m}
                     if rdecide is not None:

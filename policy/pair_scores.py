@@ -66,7 +66,7 @@ class PairScores:
 
     def _score(self, data: Dataset, pairs: list[tuple[int, int]]) -> None:
         if self._scorer is None:
-            self._scorer = load_scorer(self.verifier_key)
+            self._scorer = load_scorer(self.verifier_key)[0]
         values = self._scorer([data.q_text[q] for q, _ in pairs], [data.q_text[j] for _, j in pairs])
         self.table.update({p: float(v) for p, v in zip(pairs, values)})
         self.scored_late += len(pairs)
@@ -84,8 +84,10 @@ class PairScores:
         return [{i: self.table[p] for i, p in row} for row in wanted]
 
 
-def load_scorer(verifier_key: str | None = None, verifier_dir: Path | None = None) -> Scorer:
-    """The installed verifier's bulk scorer (``velo-proxy models export`` puts it in place)."""
+def load_scorer(verifier_key: str | None = None, verifier_dir: Path | None = None, *,
+                progress: bool = False) -> tuple[Scorer, VerifyRule, str]:
+    """The installed verifier's bulk scorer (``velo-proxy models export`` puts it in place), disk-cached
+    (``ScoreCache``), with its serving rule and its key; ``verifier_key``: refuse another verifier."""
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier
 
@@ -93,10 +95,12 @@ def load_scorer(verifier_key: str | None = None, verifier_dir: Path | None = Non
 
     verifier = PairVerifier(verifier_dir or Settings().verifier_dir, threads=2)
     cache = ScoreCache()
-    if verifier_key is not None and cache.model_key(verifier) != verifier_key:
-        raise RuntimeError(f"the installed verifier ({cache.model_key(verifier)}) is not the one these scores were "
+    key = cache.model_key(verifier)
+    if verifier_key is not None and key != verifier_key:
+        raise RuntimeError(f"the installed verifier ({key}) is not the one these scores were "
                            f"made with ({verifier_key}); rebuild them with `python -m policy.pair_scores`")
-    return lambda qa, qb: cache.score(verifier, list(qa), list(qb))
+    scorer: Scorer = lambda qa, qb: cache.score(verifier, list(qa), list(qb), progress=progress)  # noqa: E731
+    return scorer, verifier.rule(1.0), key
 
 
 def neighbour_pairs(data: Dataset, *, floor: float, pools=POOLS) -> list[tuple[int, int]]:
@@ -131,16 +135,8 @@ def attach_installed_verifier(data: Dataset, *, verifier_dir: Path | None = None
                               progress: bool = True) -> PairScores:
     """Score ``data`` with the installed verifier (its own cosine floor and top_k) and attach the table
     as ``data.pair_scores``: from then on the simulator's observations carry verifier scores."""
-    from velo_proxy.settings import Settings
-    from velo_proxy.verifier import PairVerifier
-
-    from .verifier_calibrate import ScoreCache
-
-    verifier = PairVerifier(verifier_dir or Settings().verifier_dir, threads=2)
-    cache = ScoreCache()
-    rule = verifier.rule(1.0)
-    scorer: Scorer = lambda qa, qb: cache.score(verifier, list(qa), list(qb), progress=progress)  # noqa: E731
-    data.pair_scores = build_pair_scores(data, rule=rule, scorer=scorer, verifier_key=cache.model_key(verifier),
+    scorer, rule, key = load_scorer(verifier_dir=verifier_dir, progress=progress)
+    data.pair_scores = build_pair_scores(data, rule=rule, scorer=scorer, verifier_key=key,
                                          pools=pools)
     return data.pair_scores
 
