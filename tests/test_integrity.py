@@ -221,3 +221,34 @@ def test_client_fields_never_become_litellm_arguments(make_proxy, embedder_dir, 
     sent = upstream_requests[-1]
     assert {k: sent["body"][k] for k in steering} == steering  # relayed verbatim, as any vendor field
     assert sent["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}" and "x-injected" not in sent["headers"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_providers_whose_bytes_are_not_read_are_not_cached_unless_trusted(make_proxy, embedder_dir, fake_upstream,
+                                                                           upstream_requests, monkeypatch, stream):
+    """A provider outside openai/hosted_vllm/anthropic goes through litellm's own client, so the proxy
+    cannot see whether the upstream said the answer finished (litellm reports "stop" either way). Its
+    answers are relayed but not cached, unless the operator lists it in VELO_TRUSTED_FINISH_PROVIDERS."""
+    monkeypatch.setenv("DEEPSEEK_API_BASE", f"{fake_upstream.url}/v1")  # litellm's base for deepseek/ targets
+    question = f"How far away is the Moon, asked as {'a stream' if stream else 'JSON'}?"
+    strict = make_proxy(admin_key=ADMIN, similarity_threshold=0.9, model_map={"m": "deepseek/fake-model"})
+    for _ in range(2):
+        text, seen, action = ask(strict, "m", question, stream=stream)
+        assert action == "B" and text.endswith(f"Answer to: {question}") and seen == ["stop"]
+    assert len(upstream_requests) == 2 and upstream_requests[-1]["body"]["model"] == "fake-model"
+    assert settle(strict)["store"]["entries"] == 0
+
+    trusting = make_proxy(admin_key=ADMIN, similarity_threshold=0.9, model_map={"m": "deepseek/fake-model"},
+                          trusted_finish_providers=["deepseek"])
+    assert ask(trusting, "m", question, stream=stream)[2] == "B"
+    assert settle(trusting)["store"]["entries"] == 1
+    text, _, action = ask(trusting, "m", question, stream=stream)
+    assert action == "exact" and text.endswith(f"Answer to: {question}")
+    assert len(upstream_requests) == 3
+
+
+def test_trusted_finish_providers_setting_parses_a_comma_list(monkeypatch):
+    from velo_proxy.settings import Settings
+
+    monkeypatch.setenv("VELO_TRUSTED_FINISH_PROVIDERS", "gemini, bedrock")
+    assert Settings().trusted_finish_providers == ["gemini", "bedrock"]

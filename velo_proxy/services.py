@@ -87,6 +87,7 @@ class Services:
             model_map=settings.model_map,
             timeout_s=settings.upstream_timeout_s,
             max_retries=settings.upstream_max_retries,
+            trusted_finish_providers=settings.trusted_finish_providers,
         )
         await upstream.start()
         redis_client = None

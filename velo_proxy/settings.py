@@ -54,6 +54,15 @@ class Settings(BaseSettings):
             "When set, models not in the map get 404."
         ),
     )
+    trusted_finish_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "litellm providers (the part of a model_map target before '/', e.g. 'gemini,bedrock') whose "
+            "finish_reason is taken as litellm reports it. The proxy reads the upstream's own bytes for "
+            "openai, hosted_vllm and anthropic targets; answers of any other provider are relayed but never "
+            "cached unless listed here, because litellm reports 'stop' for answers whose upstream never said so."
+        ),
+    )
     upstream_timeout_s: float = Field(120.0, gt=0, description="Timeout of one upstream call, seconds.")
     upstream_max_retries: int = Field(0, ge=0, description="Retries of a failed upstream call by litellm.")
 
@@ -185,6 +194,18 @@ class Settings(BaseSettings):
 
                 return json.loads(value)
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("trusted_finish_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
     @field_validator("upstream_base_url")

@@ -14,7 +14,7 @@ import re
 import zlib
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 import httpx
 
@@ -336,8 +336,9 @@ class UpstreamStream:
     """The chunks of one upstream stream, relayed as the upstream sent them, and once iterated to
     the end, what the upstream said about that end (``finished``, ``end_marker``)."""
 
-    def __init__(self, first: Any, iterator: Any, model: str, tap: RawTap | None) -> None:
+    def __init__(self, first: Any, iterator: Any, model: str, tap: RawTap | None, *, trusted: bool = True) -> None:
         self._first = first
+        self._trusted = trusted  # False: an untapped provider litellm's word is not taken for
         self._iterator = iterator
         self._model = model
         self._tap = tap
@@ -354,7 +355,7 @@ class UpstreamStream:
         its bytes, its end marker. Only such a stream may be cached."""
         if self._tap is not None and not (self._tap.readable and self._tap.done):
             return False
-        return self._finish == "stop"
+        return self._trusted and self._finish == "stop"
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._relay()
@@ -399,8 +400,13 @@ class Upstream:
     """Calls the upstream LLM. Created in the app's lifespan; ``aclose`` releases its HTTP client."""
 
     def __init__(self, *, base_url: str | None, api_key: str | None, model_map: dict[str, str],
-                 timeout_s: float, max_retries: int = 0) -> None:
+                 timeout_s: float, max_retries: int = 0,
+                 trusted_finish_providers: Iterable[str] = ()) -> None:
         self.base_url = base_url
+        # Providers whose bytes we do not read are cached only when the operator trusts litellm's
+        # finish_reason for them (it says "stop" for answers whose upstream never did).
+        self.trusted_finish_providers = frozenset(trusted_finish_providers)
+        self._warned_untrusted: set[str] = set()
         self._api_key = api_key
         self.model_map = dict(model_map)
         self.timeout_s = timeout_s
@@ -475,9 +481,21 @@ class Upstream:
 
     def _tap(self, target: Target) -> RawTap | None:
         """A tap for targets whose bytes we read (OpenAI-compatible and Anthropic wire formats); None
-        for other providers, whose answers are taken as litellm reports them."""
+        for other providers, whose answers are cacheable only if trusted (``_trusts_litellm``)."""
         wire = _WIRE_OF_PROVIDER.get(target.litellm_model.split("/", 1)[0])
         return RawTap(wire) if wire is not None and self._llm_http is not None else None
+
+    def _trusts_litellm(self, target: Target) -> bool:
+        """Whether an untapped target's answer may be cached on litellm's word that it finished."""
+        provider = target.litellm_model.split("/", 1)[0]
+        if provider in self.trusted_finish_providers:
+            return True
+        if provider not in self._warned_untrusted:
+            self._warned_untrusted.add(provider)
+            log.warning("answers of provider %r are relayed but never cached: the proxy cannot read its wire "
+                        "format to see that an answer finished (set VELO_TRUSTED_FINISH_PROVIDERS=%s to take "
+                        "litellm's finish_reason)", provider, provider)
+        return False
 
     async def complete(self, payload: dict[str, Any], *, target: Target | None = None,
                        client_key: str | None = None) -> dict[str, Any]:
@@ -505,7 +523,8 @@ class Upstream:
         data["model"] = payload["model"]
         choices = data.get("choices") or []
         if tap is None:
-            return data, bool(choices) and choices[0].get("finish_reason") == "stop"
+            return data, (bool(choices) and choices[0].get("finish_reason") == "stop"
+                          and self._trusts_litellm(target))
         said = tap.finish_reasons()
         if said is None:  # unreadable: relayed as litellm parsed it, never cached
             return data, False
@@ -533,7 +552,8 @@ class Upstream:
             raise _map_error(exc, tap) from exc
         finally:
             _TAP.reset(token)
-        return UpstreamStream(first, iterator, payload["model"], tap)
+        return UpstreamStream(first, iterator, payload["model"], tap,
+                              trusted=tap is not None or self._trusts_litellm(target))
 
     async def list_models(self, *, client_key: str | None = None) -> dict[str, Any]:
         """The upstream's /models (used when no model map is configured)."""
