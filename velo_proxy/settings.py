@@ -184,9 +184,10 @@ class Settings(BaseSettings):
         20_000, ge=1, description="Bound on each agent's experience stream (a decision is ~10 KB with MiniLM)."
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "trusted_finish_providers", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
+        """A JSON list or a comma-separated string (the handier form in an env var)."""
         if isinstance(value, str):
             value = value.strip()
             if value.startswith("["):
@@ -194,18 +195,6 @@ class Settings(BaseSettings):
 
                 return json.loads(value)
             return [k.strip() for k in value.split(",") if k.strip()]
-        return value
-
-    @field_validator("trusted_finish_providers", mode="before")
-    @classmethod
-    def _split_providers(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("["):
-                import json
-
-                return json.loads(value)
-            return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
     @field_validator("upstream_base_url")
