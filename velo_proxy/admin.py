@@ -29,7 +29,9 @@ async def stats(request: Request) -> dict[str, Any]:
     services = _store(request)
     store_stats = await asyncio.to_thread(services.store.stats)
     return {"store": store_stats, "exact_tier": services.exact.name, "policy": services.policies.current.version,
-            "pending_tasks": len(services.background), "load_errors": services.load_errors}
+            "pending_tasks": len(services.background), "load_errors": services.load_errors,
+            "live_guard": services.live_guard.stats() if services.live_guard is not None else None,
+            "labels": services.labels.name if services.labels is not None else None}
 
 
 @admin_router.get("/entries/{entry_id}")

@@ -37,7 +37,8 @@ class ChatEngine:
         components = CacheComponents(services=services, guard=services.guard,
                                      deadlines=Deadlines.from_settings(settings), metrics=services.metrics)
         self.lookup = Lookup(components=components)
-        self.decide = Decide(guard=services.guard, metrics=services.metrics)
+        self.decide = Decide(guard=services.guard, metrics=services.metrics, live_guard=services.live_guard,
+                             near_miss_floor=settings.near_miss_floor)
         self.after = AfterResponse(components=components, services=services, settings=settings,
                                    metrics=services.metrics)
         self.maintenance = Maintenance(components=components, services=services, settings=settings)

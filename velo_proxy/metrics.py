@@ -36,6 +36,27 @@ class Metrics:
             "velo_verifier_outcomes", "Verified lookups by outcome: served (a candidate passed), rejected "
             "(candidates, none passed), no_candidate (none above the cosine floor), failed (verifier slow or "
             "down: forwarded), vetoed (the learned policy chose A, the verifier said no).", ["outcome"], registry=r)
+        # the learning loop (velo_proxy.judging, velo_proxy.live_guard)
+        self.judge_calls = Counter(
+            "velo_judge_calls", "Judgements by judge, kind (shadow: a served hit; near_miss: a forwarded close "
+            "candidate) and outcome (correct, wrong, unclear, failed, over_budget).", ["judge", "kind", "outcome"],
+            registry=r)
+        self.judge_tokens = Counter("velo_judge_tokens", "Upstream tokens spent on judging (fresh answers of "
+                                    "shadow checks, LLM judge prompts).", ["judge"], registry=r)
+        self.live_judged = Gauge("velo_live_judged_hits", "Judged served hits in the guard's window.", ["policy"],
+                                 registry=r)
+        self.live_false_hit_rate = Gauge("velo_live_false_hit_rate", "Share of judged served hits that were wrong "
+                                         "(guard's window).", ["policy"], registry=r)
+        self.live_false_hit_upper = Gauge("velo_live_false_hit_upper", "One-sided 95 % upper bound (Wilson) of the "
+                                          "live false-hit rate.", ["policy"], registry=r)
+        self.guard_floor = Gauge("velo_guard_floor", "Extra score a semantic hit needs (-Inf: none; above 1: "
+                                 "semantic serving stopped).", ["policy"], registry=r)
+        self.guard_changes = Counter("velo_guard_changes", "Serving-floor changes by direction (tighten, relax) "
+                                     "and level (policy, scope).", ["direction", "level"], registry=r)
+        self.guard_blocked = Counter("velo_guard_blocked", "Semantic hits the policy chose and the guard's floor "
+                                     "forwarded instead.", registry=r)
+        self.promotions = Counter("velo_promotions", "Judged near misses promoted to aliases of the cached "
+                                  "answer.", registry=r)
         self.store_entries = Gauge("velo_store_entries", "Entries in the semantic store.", registry=r)
         self.policy_reloads = Counter("velo_policy_reloads", "Policy versions swapped in without a restart.", registry=r)
         self.policy_version = Gauge("velo_policy_info", "Policy in use (label carries the version).",

@@ -51,7 +51,7 @@ class Decision:
     explored: bool = False
     observed_at: float = 0.0  # the ``now`` the observation was built with
     verifier_score: float | None = None  # the verifier's score of the entry (A, C) or of the best candidate
-    vetoed: bool = False  # the learned policy chose A and the verifier rejected the entry
+    vetoed: bool = False  # the policy chose A and was overruled (the verifier veto, the live guard's floor)
 
 
 class Policy(abc.ABC):

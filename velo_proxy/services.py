@@ -13,6 +13,8 @@ from typing import Any, Awaitable
 
 from velo_proxy.exact import ExactTier, LocalExactTier, RedisExactTier
 from velo_proxy.experience import ExperienceLog
+from velo_proxy.labels import FileLabelStore, LabelStore, RedisLabelStore
+from velo_proxy.live_guard import LiveGuard
 from velo_proxy.metrics import Metrics
 from velo_proxy.pipeline.guard import Breaker, Guard
 from velo_proxy.policy_manager import PolicyManager
@@ -75,6 +77,8 @@ class Services:
     store: CacheStore | None = None
     redis: Any = None  # redis.asyncio.Redis
     experience: ExperienceLog | None = None
+    labels: LabelStore | None = None  # judged pairs (Redis stream, else JSONL in the data dir)
+    live_guard: LiveGuard | None = None  # the live false-hit estimate and its serving floor
     recent: RecentResponses = field(default_factory=lambda: RecentResponses(0))
     load_errors: dict[str, str] = field(default_factory=dict)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -110,10 +114,28 @@ class Services:
                                                 max_len=settings.experience_max_len)
         else:
             log.info("experience stream off (no VELO_REDIS_URL)")
+        await services._start_loop()
         if settings.cache_enabled:
             await services._load_cache()
         services.policies.start(embedder=services.embedder, verifier=services.verifier)
         return services
+
+    async def _start_loop(self) -> None:
+        """The label store and the live guard, rebuilt from the newest stored judgements."""
+        s = self.settings
+        self.labels = (RedisLabelStore(self.redis, max_len=s.labels_max_len) if self.redis is not None
+                       else FileLabelStore(s.data_dir / "judged" / "labels.jsonl", max_len=s.labels_max_len))
+        self.live_guard = LiveGuard(max_false_hit_rate=s.max_false_hit_rate, window=s.guard_window,
+                                    max_age_s=s.guard_max_age_s, min_scope_judgements=s.guard_min_scope_judgements,
+                                    enabled=s.live_guard, metrics=self.metrics)
+        try:
+            loaded = self.live_guard.load(await self.labels.recent(4 * s.guard_window))
+        except Exception as exc:  # noqa: BLE001 - Redis down at start: the guard starts empty
+            self.load_errors["labels"] = f"{type(exc).__name__}: {exc}"
+            log.error("could not read the stored judgements (%s): the live guard starts empty", exc)
+            return
+        if loaded:
+            log.info("live guard rebuilt from %d stored judgements (%s)", loaded, self.labels.name)
 
     async def _load_cache(self) -> None:
         from velo_proxy.embedder import build_embedder

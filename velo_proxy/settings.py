@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -173,10 +173,44 @@ class Settings(BaseSettings):
         "learned policy's calibrated thresholds.")
     policy_reload_s: float = Field(10.0, gt=0, description="How often the policy directory is checked for a new version, seconds.")
     exploration_rate: float = Field(0.0, ge=0, le=1, description="Share of decisions sampled for exploration.")
-    shadow_rate: float = Field(0.05, ge=0, le=1, description="Share of served answers re-asked upstream to verify.")
+    shadow_rate: float = Field(
+        0.05, ge=0, le=1, description="Share of semantic hits served that are judged after the response (shadow "
+        "check): the live false-hit estimate.")
     shadow_fail_below: float = Field(
-        0.7, ge=-1, le=1, description="A shadow check whose answers agree less than this (cosine) evicts the entry."
+        0.7, ge=-1, le=1, description="The verifier judge calls a hit wrong when the fresh and the cached answer "
+        "agree less than this (cosine); a wrong hit's entry is evicted."
     )
+
+    # --- the learning loop: judging, the live false-hit estimate, its guard, promotion ------------
+    judge: Literal["verifier", "llm"] = Field(
+        "verifier", description="Who judges whether a cached answer answers a new question (shadow checks, "
+        "near-miss reviews): 'verifier' (the pair verifier over the two questions, plus the agreement of the "
+        "fresh and the cached answer) or 'llm' (a yes/no prompt to judge_model through the upstream).")
+    judge_model: str | None = Field(
+        None, description="Client model name the LLM judge asks (resolved like any request's model; required "
+        "when judge='llm').")
+    judge_budget_per_min: float = Field(
+        60.0, ge=0, description="Most judge calls (shadow checks and near-miss reviews together) per minute; "
+        "beyond it a judgement is skipped and counted, so the loop cannot cost more than it saves.")
+    near_miss_review_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of near misses (forwarded although a candidate was at least "
+        "near_miss_floor similar) judged off the request path; approved ones are promoted.")
+    near_miss_floor: float = Field(
+        0.8, ge=-1, le=1, description="Cosine similarity of the best candidate from which a forwarded request "
+        "counts as a near miss.")
+    promote_near_misses: bool = Field(
+        True, description="An approved near miss becomes an alias: its question is stored with the judged cached "
+        "answer (the same request is then served that answer).")
+    live_guard: bool = Field(
+        True, description="Tighten serving when the judged false-hit rate's 95 % upper bound exceeds "
+        "max_false_hit_rate (and relax when it is back under).")
+    guard_window: int = Field(1000, ge=10, description="Judgements (per policy version and scope) the guard reads.")
+    guard_max_age_s: float = Field(
+        7 * 86400.0, gt=0, description="Judgements older than this no longer count for the guard, seconds.")
+    guard_min_scope_judgements: int = Field(
+        30, ge=1, description="A scope (tenant) gets a guard of its own once it has this many judgements.")
+    labels_max_len: int = Field(
+        100_000, ge=100, description="Bound on the stored judged pairs (Redis stream length or JSONL lines).")
     augment_max_tokens: int = Field(400, ge=16, description="Token budget of the cached answer inserted by action C.")
     feedback_window: int = Field(10_000, ge=0, description="Recent responses remembered for POST /v1/feedback.")
     agent_id: str = Field(default_factory=socket.gethostname, description="Edge agent id (experience stream name).")
@@ -196,6 +230,12 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _judge_needs_a_model(self) -> "Settings":
+        if self.judge == "llm" and not self.judge_model:
+            raise ValueError("VELO_JUDGE=llm needs VELO_JUDGE_MODEL (the client model name the judge asks)")
+        return self
 
     @field_validator("upstream_base_url")
     @classmethod

@@ -14,6 +14,10 @@ Behaviour is chosen by the model name:
     fake-no-done          finish_reason "stop", but the stream ends without [DONE]
     fake-truncated        no finish_reason and (streams) no [DONE]: the body just ends cleanly
     fake-random           answers with an unrelated sentence (a cached answer that a fresh one contradicts)
+    fake-meaning          answers by meaning: ``app.state.meanings`` maps a question to its answer text (every
+                          question of one paraphrase cluster to that cluster's answer), prefixed "[n] "
+    fake-judge            an LLM judge: to the proxy's judge prompt (velo_proxy.judging) it says "yes" when the
+                          candidate answer is the meaning's answer of the question, else "no"
     anything else         answers normally, after the server's base latency
 
 ``POST /v1/messages`` speaks Anthropic's Messages API (``x-api-key`` auth; stop reason ``end_turn``, and
@@ -60,12 +64,24 @@ def _last_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
+def _judge(prompt: str, meanings: dict[str, str]) -> str:
+    """Reads velo_proxy.judging.judge_prompt: "Question:\n<q>\n\nCandidate answer:\n<a>\n\n..."."""
+    try:
+        question = prompt.split("Question:\n", 1)[1].split("\n\nCandidate answer:\n", 1)[0]
+        answer = prompt.split("\n\nCandidate answer:\n", 1)[1].rsplit("\n\n", 1)[0]
+    except IndexError:
+        return "I cannot tell."
+    right = meanings.get(question)
+    return "yes" if right is not None and answer.split("] ", 1)[-1] == right else "no"
+
+
 def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None, chunk_delay_ms: float = 0.0) -> FastAPI:
     """``api_key`` set: requests without ``Authorization: Bearer <api_key>`` get 401."""
     app = FastAPI()
     counter = itertools.count(1)
     app.state.requests = []  # {"headers", "body"} of every chat request, for assertions
     app.state.latency_ms = latency_ms
+    app.state.meanings = {}  # question -> answer text, for fake-meaning and fake-judge
 
     def _check_key(request: Request) -> Response | None:
         if api_key is None:
@@ -107,6 +123,11 @@ def create_fake_upstream(*, latency_ms: float = 0.0, api_key: str | None = None,
         text = f"[{n}] Answer to: {_last_user_text(body)}"
         if model == "fake-random":
             text = _UNRELATED[n % len(_UNRELATED)]
+        if model == "fake-meaning":
+            question = _last_user_text(body)
+            text = f"[{n}] " + app.state.meanings.get(question, f"Nobody knows about: {question}")
+        if model == "fake-judge":
+            text = _judge(_last_user_text(body), app.state.meanings)
         finish: str | None = "length" if model == "fake-length" else "stop"
         if model in ("fake-no-finish", "fake-truncated"):
             finish = None

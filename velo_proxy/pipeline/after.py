@@ -6,8 +6,6 @@ new answer, and the eviction tick every xi requests."""
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 import uuid
 from typing import Any
@@ -19,17 +17,12 @@ from velo_proxy.errors import ProxyError
 from velo_proxy.metrics import Metrics
 from velo_proxy.pipeline.components import CacheComponents
 from velo_proxy.pipeline.context import RequestContext
+from velo_proxy.pipeline.learning import LearningLoop
 from velo_proxy.services import Answered, Services
 from velo_proxy.settings import Settings
-from velo_proxy.store.base import CacheEntry, Hit
+from velo_proxy.store.base import CacheEntry
 
 log = logging.getLogger("velo_proxy.engine")
-
-
-def answer_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(cosine, q) of two answer embeddings; q = -L2 distance, the paper's satisfaction (Eq. 2)."""
-    cosine = float(np.dot(a, b))
-    return cosine, -math.sqrt(max(0.0, 2.0 - 2.0 * cosine))
 
 
 class Maintenance:
@@ -64,7 +57,7 @@ class AfterResponse:
         self.services = services
         self.settings = settings
         self.metrics = metrics
-        self._rng = random.Random()
+        self.learning = LearningLoop(components=components, services=services, settings=settings, metrics=metrics)
 
     # ----- what the choice implies ------------------------------------------------------------------
     def follow_choice(self, ctx: RequestContext) -> None:
@@ -78,8 +71,7 @@ class AfterResponse:
             assert ctx.key is not None
             self.services.spawn(self.components.exact_set(ctx.key, choice.entry, choice.hit.entry.answer,
                                                           ttl_s=self.settings.cache_ttl_s))
-            if self.settings.shadow_rate > 0 and self._rng.random() < self.settings.shadow_rate:
-                self.services.spawn(self._shadow_check(ctx, choice.hit))
+            self.learning.after_hit(ctx)
 
     # ----- once the answer is complete ------------------------------------------------------------
     def finished(self, ctx: RequestContext, completion_id: str | None) -> None:
@@ -104,10 +96,12 @@ class AfterResponse:
         key = ctx.store_key
         if key is None:
             return None
-        self.services.spawn(self._store(ctx, answer))
+        self.services.spawn(self._store(ctx, answer, review=self.learning.wants_review(ctx)))
         return ctx.new_entry
 
-    async def _store(self, ctx: RequestContext, answer: dict[str, Any]) -> None:
+    async def _store(self, ctx: RequestContext, answer: dict[str, Any], *, review: bool = False) -> None:
+        """Store the answer (semantic store, then its exact-tier copy); then, for a sampled near miss,
+        the off-path review, which may turn the new entry into an alias."""
         key = ctx.store_key
         assert key is not None
         stored_id = None
@@ -124,30 +118,10 @@ class AfterResponse:
                 if await self.components.add(entry):
                     stored_id = entry.id
         await self.components.exact_set(key, stored_id, answer, ttl_s=self.settings.cache_ttl_s)
+        if review:
+            await self.learning.review_near_miss(ctx, answer, stored_id)
 
     # ----- rewards --------------------------------------------------------------------------------
-    async def _shadow_check(self, ctx: RequestContext, hit: Hit) -> None:
-        """Ask the upstream the served question too; the answers' agreement is the reward of this
-        decision, updates the entry's cache value (Eq. 5), and evicts an entry that fails."""
-        try:
-            fresh = await self.services.upstream.complete({**ctx.payload, "stream": False}, target=ctx.target,
-                                                          client_key=ctx.caller.client_key)
-        except ProxyError as err:
-            self.metrics.failures.labels("shadow", f"upstream_{err.status}").inc()
-            return
-        fresh_text = str(((fresh.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
-        cached_text = str(hit.entry.answer["message"].get("content") or "")
-        vectors = await self.components.embed([fresh_text, cached_text])
-        if vectors is None:
-            return
-        cosine, q = answer_agreement(vectors[0], vectors[1])
-        self.metrics.shadow_checks.labels("pass" if cosine >= self.settings.shadow_fail_below else "fail").inc()
-        await self.components.record_use(hit.entry.id, outcome=max(0.0, cosine))
-        if cosine < self.settings.shadow_fail_below:
-            log.info("shadow check failed for entry %s (agreement %.3f): evicted", hit.entry.id, cosine)
-            await self.components.delete(hit.entry.id)
-        await self.components.log_reward(ctx.trace.request_id, source="shadow", q=q, score=max(0.0, cosine))
-
     async def feedback(self, response_id: str, score: float, *, tenant: str) -> dict[str, Any]:
         """An explicit score in [0, 1] for a recent response of ``tenant``: reward in the stream, and
         for answers served from the cache, an outcome folded into the entry's cache value. Another

@@ -48,6 +48,21 @@ class Choice:
         return self.action in FROM_CACHE
 
 
+@dataclass(frozen=True, slots=True)
+class NearMiss:
+    """A request forwarded although a candidate was close: what an off-path review judges."""
+
+    hit: Hit  # the candidate: the best-verified hit, else the nearest
+    verifier_score: float | None
+    served_score: float  # the score the live guard reads (verifier score, or similarity without a verifier)
+
+
+def guard_score(policy: Policy, hit: Hit, verifier_score: float | None) -> float | None:
+    """The score the live guard's floor applies to: the verifier's for policies that verify, the
+    cosine similarity for the threshold policy."""
+    return verifier_score if policy.verify_rule is not None else hit.similarity
+
+
 @dataclass
 class Trace:
     """What happened to one request; becomes the x-velo-* response headers and the experience."""
@@ -88,6 +103,7 @@ class RequestContext:
     new_entry: str | None = None  # the id the upstream's answer gets if it is stored
     vector: np.ndarray | None = None  # the question's embedding, once computed (stored with the answer)
     upstream_payload: dict[str, Any] = field(default_factory=dict)  # what goes upstream (C: augmented)
+    near_miss: NearMiss | None = None  # set by decide when the request is forwarded with a close candidate
 
     @classmethod
     def build(cls, chat: ChatCompletionRequest, payload: dict[str, Any], *, caller: Caller, target: Target,

@@ -1,24 +1,59 @@
 """Decide: turn what the lookup found into one ``Choice``: serve the exact copy, serve a semantic
 hit (A), augment (C) or forward (B). The policy decides on semantic hits; a policy that fails at run
-time fails open (B) like any component."""
+time fails open (B) like any component. The live guard (``velo_proxy.live_guard``) has the last word
+on A: a hit whose score is below its floor is forwarded. A forwarded request with a close candidate
+is marked as a near miss, for the off-path review."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+from velo_proxy.live_guard import LiveGuard
 from velo_proxy.metrics import Metrics
-from velo_proxy.pipeline.context import Choice, RequestContext
+from velo_proxy.pipeline.context import Choice, NearMiss, RequestContext, guard_score
 from velo_proxy.pipeline.guard import Guard
 from velo_proxy.pipeline.lookup import Found
 from velo_proxy.policy import Decision, Policy
 
 
 class Decide:
-    def __init__(self, *, guard: Guard, metrics: Metrics) -> None:
+    def __init__(self, *, guard: Guard, metrics: Metrics, live_guard: LiveGuard | None = None,
+                 near_miss_floor: float = 1.0) -> None:
         self.guard = guard
         self.metrics = metrics
+        self.live_guard = live_guard
+        self.near_miss_floor = near_miss_floor
 
     def choose(self, ctx: RequestContext, found: Found) -> Choice:
+        choice = self._choose(ctx, found)
+        if choice.action == "B" and found.hits and ctx.vector is not None:
+            ctx.near_miss = self._near_miss(ctx, found)
+        return choice
+
+    def _near_miss(self, ctx: RequestContext, found: Found) -> NearMiss | None:
+        hits = found.hits or []
+        if not hits or hits[0].similarity < self.near_miss_floor:
+            return None
+        index, score = 0, None
+        if found.scores:
+            index = max(found.scores, key=lambda i: found.scores[i])
+            score = found.scores[index]
+        served = guard_score(ctx.trace.policy, hits[index], score)
+        return NearMiss(hits[index], score, hits[index].similarity if served is None else served)
+
+    def _held_back(self, ctx: RequestContext, decision: Decision) -> bool:
+        """Whether the live guard forwards an A the policy chose."""
+        if self.live_guard is None or decision.entry is None or ctx.key is None:
+            return False
+        floor = self.live_guard.floor(ctx.trace.policy.version, ctx.key.scope)
+        score = guard_score(ctx.trace.policy, decision.entry, decision.verifier_score)
+        if score is not None and score >= floor:
+            return False
+        self.metrics.guard_blocked.inc()
+        return True
+
+    def _choose(self, ctx: RequestContext, found: Found) -> Choice:
         if found.exact is not None:
             entry = found.exact.get("entry")
             return Choice("exact", answer=found.exact["answer"], entry=entry, similarity=1.0)
@@ -29,8 +64,11 @@ class Decide:
                                                                   scores=found.scores))
         if decision is None:
             return Choice("B")
-        ctx.trace.decision = decision
         self._count_verification(policy, found, decision)
+        if decision.action == "A" and self._held_back(ctx, decision):
+            # logged as what happened: the policy was overruled, the request forwarded
+            decision = dataclasses.replace(decision, action="B", entry=None, vetoed=True)
+        ctx.trace.decision = decision
         best = hits[0].similarity if hits else None
         hit = decision.entry
         if decision.action == "A" and hit is not None:
