@@ -16,7 +16,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from velo_proxy.calibration import DELTAS, NEVER_SERVE, delta_key
+# the bound and the threshold search are the serving side's too (the live guard, the verifier's recalibration)
+from velo_proxy.calibration import DELTAS, NEVER_SERVE, calibrate, delta_key, wilson_upper  # noqa: F401
 
 from .data import Dataset
 from .sim import A, B, C, EdgeSim, SimConfig
@@ -76,37 +77,6 @@ def collect_calibration(data: Dataset, policy, cfg: SimConfig, steps: int, *, se
 
     metrics = evaluate(data, driver or policy, cfg, steps, seed=seed, record=record)
     return {**{k: np.array(v) for k, v in rec.items()}, "metrics": metrics}
-
-
-def wilson_upper(k: float, n: float, z: float = 1.645) -> float:
-    """One-sided 95 % Wilson upper bound of a rate k/n."""
-    if n <= 0:
-        return 1.0
-    p = k / n
-    den = 1 + z * z / n
-    centre = p + z * z / (2 * n)
-    rad = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return float((centre + rad) / den)
-
-
-def calibrate(p_a: np.ndarray, relevant: np.ndarray, deltas=DELTAS) -> dict[str, float]:
-    """For each delta the smallest tau such that, among validation decisions with P(A) >= tau, the
-    one-sided 95 % upper bound of the wrong-hit share is <= delta (tau = NEVER_SERVE when none is)."""
-    order = np.argsort(-p_a)
-    p_sorted, wrong = p_a[order], 1.0 - relevant[order]
-    cum_wrong = np.cumsum(wrong)
-    out = {}
-    for d in deltas:
-        tau = NEVER_SERVE
-        for n in range(len(p_sorted), 0, -1):
-            # serving the top-n by P(A): threshold at p_sorted[n-1]; ties make the set larger, be safe
-            if n < len(p_sorted) and p_sorted[n] == p_sorted[n - 1]:
-                continue
-            if wilson_upper(cum_wrong[n - 1], n) <= d:
-                tau = float(p_sorted[n - 1])
-                break
-        out[delta_key(d)] = tau
-    return out
 
 
 def evaluate_seeds(data: Dataset, policy, cfg: SimConfig, steps: int, seeds=(2024, 2025, 2026)) -> dict:

@@ -1,8 +1,17 @@
-"""Retrain the serving policy from what the proxies experienced, and publish it only if it is better.
+"""Retrain from what the proxies experienced and judged, and publish only what is better.
 
     velo-proxy retrain --redis-url redis://... --policy-dir /var/lib/velo/policies
+    velo-proxy retrain --labels DATA_DIR/judged/labels.jsonl --policy-dir DIR --stages verifier
 
-Reads top to bottom:
+Two stages (``--stages``, default both):
+
+- verifier: the pair verifier's output head and thresholds, refitted on the judged pairs
+  (``policy.retrain_verifier``; labels from ``--labels``, else the Redis stream ``velo:labels``, else
+  ``VELO_DATA_DIR/judged/labels.jsonl``); its report is the ``verifier`` key of the output;
+- lrs: the LRS actor, fine-tuned on the experience streams (needs Redis); the rest of this docstring.
+  Its report is the top level of the output.
+
+The LRS stage reads top to bottom:
 
 0. check every input before reading anything (``preflight``): Redis answers, the policy directory is
    writable, the checkpoint to start from, the embedder's files, the simulator's texts (the snapshot the
@@ -53,6 +62,7 @@ from .evaluate import calibrate, collect_calibration, evaluate
 from .export import export_onnx, parity
 from .sim import SimConfig
 from .pair_scores import attach_installed_verifier
+from .retrain_verifier import VerifierRetrainConfig
 from .train import collect_demos, load_actor, regret_loss, save_actor
 
 log = logging.getLogger("policy.retrain")
@@ -385,10 +395,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream", choices=("clusters", "zipf"), default=RetrainConfig.stream,
                         help="simulator request stream (default: the benchmark-shaped one training uses)")
+    parser.add_argument("--stages", choices=("all", "verifier", "lrs"), default="all",
+                        help="what to retrain: the verifier's head and thresholds from the judged pairs, the LRS actor "
+                        "from the experience streams, or both (default)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="judged pairs (JSONL) [default: the Redis stream velo:labels with --redis-url, else "
+                        "VELO_DATA_DIR/judged/labels.jsonl]")
+    parser.add_argument("--verifier-dir", type=Path, default=settings.verifier_dir, help="[env VELO_VERIFIER_DIR]")
+    parser.add_argument("--min-labels", type=int, default=VerifierRetrainConfig.min_labels)
     args = parser.parse_args(argv)
-    if not args.redis_url or args.policy_dir is None:
-        parser.error("--redis-url and --policy-dir (or VELO_REDIS_URL and VELO_POLICY_DIR) are required")
+    if args.policy_dir is None:
+        parser.error("--policy-dir (or VELO_POLICY_DIR) is required")
+    if args.stages == "lrs" and not args.redis_url:
+        parser.error("the lrs stage reads the experience streams: --redis-url (or VELO_REDIS_URL) is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verifier_report = None
+    if args.stages in ("all", "verifier"):
+        verifier_report = verifier_stage(args, settings)
+        if args.stages == "verifier":
+            print(json.dumps({"verifier": verifier_report}, indent=2, default=str))
+            return 0
+    if not args.redis_url:
+        print(json.dumps({"published": False, "reason": "no Redis (--redis-url / VELO_REDIS_URL): the lrs stage, "
+                          "which reads the experience streams, was skipped", "verifier": verifier_report},
+                         indent=2, default=str))
+        return 0
     if args.data_dir is not None:
         import os
 
@@ -403,10 +434,37 @@ def main(argv: list[str] | None = None) -> int:
                                    data_spec=spec, seed=args.seed, stream=args.stream))
     except RetrainInputError as exc:
         log.error("%s", exc)
-        print(json.dumps({"published": False, "reason": str(exc)}, indent=2))
+        print(json.dumps({"published": False, "reason": str(exc), "verifier": verifier_report}, indent=2,
+                         default=str))
         return 1
-    print(json.dumps(report, indent=2, default=str))
+    print(json.dumps({**report, "verifier": verifier_report}, indent=2, default=str))
     return 0
+
+
+def verifier_stage(args: argparse.Namespace, settings) -> dict:
+    """Recalibrate the pair verifier on the judged pairs (``policy.retrain_verifier``); a report."""
+    from velo_proxy.labels import LABELS_STREAM, read_label_file, read_label_stream
+
+    from .retrain_verifier import run as recalibrate
+
+    if args.labels is not None:
+        if not args.labels.is_file():
+            return {"published": False, "reason": f"no judged pairs at --labels {args.labels}"}
+        labels, source = read_label_file(args.labels), str(args.labels)
+    elif args.redis_url:
+        try:
+            labels, source = read_label_stream(args.redis_url), f"redis stream {LABELS_STREAM}"
+        except Exception as exc:  # noqa: BLE001 - reported, the lrs stage still runs
+            return {"published": False, "reason": f"Redis at --redis-url / VELO_REDIS_URL does not answer: {exc}"}
+    else:
+        path = settings.data_dir / "judged" / "labels.jsonl"
+        if not path.is_file():
+            return {"published": False, "reason": f"no judged pairs: neither --labels, --redis-url nor {path}"}
+        labels, source = read_label_file(path), str(path)
+    report = recalibrate(VerifierRetrainConfig(policy_dir=args.policy_dir, verifier_dir=args.verifier_dir,
+                                               max_false_hit_rate=args.max_false_hit_rate,
+                                               min_labels=args.min_labels), labels)
+    return {"source": source, **report}
 
 
 if __name__ == "__main__":

@@ -222,3 +222,139 @@ def test_judge_budget_refills_over_time():
     assert budget.try_spend() and budget.try_spend() and not budget.try_spend()
     now[0] += 30
     assert budget.try_spend() and not budget.try_spend()
+
+
+# ----- retraining from what was judged ----------------------------------------------------------------
+
+def qqp_workload(test_data, pairs: int) -> tuple[list[str], dict[str, str]]:
+    """The first ``pairs`` QQP dev pairs of the fixture as a stream (both texts, shuffled with a fixed
+    seed) and one answer per cluster (duplicates joined transitively)."""
+    import random
+
+    rows = [json.loads(line) for line in (test_data / "pairs" / "qqp-dev.jsonl").read_text().splitlines()][:pairs]
+    parent: dict[str, str] = {}
+
+    def root(t: str) -> str:
+        parent.setdefault(t, t)
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    for row in rows:
+        root(row["q1"]), root(row["q2"])
+        if row["duplicate"]:
+            parent[root(row["q1"])] = root(row["q2"])
+    texts = sorted(parent)
+    random.Random(0).shuffle(texts)
+    clusters = {r: i for i, r in enumerate(sorted({root(t) for t in texts}))}
+    return texts, {t: f"Answer {clusters[root(t)]} of the benchmark." for t in texts}
+
+
+def test_retrain_publishes_a_better_verifier_calibration_and_proxies_reload_it(make_proxy, embedder_dir,
+                                                                             verifier_dir, fake_upstream, test_data,
+                                                                             tmp_path):
+    """Judged live traffic (QQP dev through a verified proxy at delta = 0.1, the oracle LLM judge of the
+    fake upstream) -> `velo-proxy retrain --stages verifier` fits the head and thresholds on it and
+    publishes them only because they beat the current ones on held-out judged pairs -> the running proxy
+    swaps the recalibrated policy in while a client keeps asking, and no request fails."""
+    import subprocess
+    import sys
+    import threading
+
+    texts, meanings = qqp_workload(test_data, 320)
+    fake_upstream.app.state.meanings = meanings
+    data_dir, policy_dir = tmp_path / "data", tmp_path / "policies"
+    proxy = make_proxy(admin_key=ADMIN, policy="verified", max_false_hit_rate=0.1, shadow_rate=1.0,
+                       near_miss_review_rate=1.0, near_miss_floor=0.8, judge="llm", judge_model="fake-judge",
+                       judge_budget_per_min=100_000, live_guard=False, data_dir=data_dir, policy_dir=policy_dir,
+                       policy_reload_s=0.2)
+    try:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="k", max_retries=0)
+        for text in texts:
+            client.chat.completions.create(model="fake-meaning", messages=[{"role": "user", "content": text}])
+        settle(proxy, timeout_s=60)
+        labels_file = data_dir / "judged" / "labels.jsonl"
+        labels = [json.loads(line) for line in labels_file.read_text().splitlines()]
+        assert len(labels) >= 60 and {lb["kind"] for lb in labels} == {"shadow", "near_miss"}
+        before = ask(proxy, texts[0])[1]["x-velo-policy"]
+
+        failures: list[BaseException] = []
+        versions: set[str] = set()
+        stop = threading.Event()
+
+        def keep_asking() -> None:
+            asker = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="k", max_retries=0)
+            i = 0
+            while not stop.is_set():
+                try:
+                    raw = asker.chat.completions.with_raw_response.create(
+                        model="fake-meaning", messages=[{"role": "user", "content": texts[i % len(texts)]}])
+                    versions.add(raw.headers["x-velo-policy"])
+                except BaseException as exc:  # noqa: BLE001
+                    failures.append(exc)
+                i += 1
+
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        try:
+            done = subprocess.run([sys.executable, "-m", "velo_proxy", "retrain", "--stages", "verifier", "--labels",
+                                   str(labels_file), "--policy-dir", str(policy_dir), "--max-false-hit-rate", "0.1",
+                                   "--verifier-dir", str(verifier_dir)], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            report = json.loads(done.stdout)["verifier"]
+            assert report["published"] is True, report
+            result = report["evaluation"]
+            assert result["candidate"]["net"] > result["current"]["net"]
+            published = json.loads((policy_dir / "VERIFIER").read_text())
+            assert published["version"] == report["version"] and len(published["head"]) == 3
+            import time
+
+            deadline = time.monotonic() + 20
+            while not any(report["version"] in v for v in versions) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            asker.join(30)
+        assert not failures, failures[:3]
+        assert before in versions and f"{before}+{report['version']}" in versions
+        assert metric(proxy, "velo_policy_reloads_total") == 1
+    finally:
+        fake_upstream.app.state.meanings = {}
+
+
+def test_retrain_without_enough_judged_pairs_publishes_nothing(tmp_path, verifier_dir):
+    import subprocess
+    import sys
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps(Label(kind="shadow", judge="llm", correct=True, question="a", cached_question="b",
+                                       entry="e", scope="s", policy="p", similarity=0.9, verifier_score=0.9,
+                                       served_score=0.9).to_json()) + "\n")
+    done = subprocess.run([sys.executable, "-m", "velo_proxy", "retrain", "--stages", "verifier", "--labels", str(labels),
+                           "--policy-dir", str(tmp_path / "policies"), "--verifier-dir", str(verifier_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)["verifier"]
+    assert report["published"] is False and "distinct judged pairs" in report["reason"]
+    assert not (tmp_path / "policies" / "VERIFIER").exists()
+
+
+def test_with_redis_the_judgements_are_shared_and_survive_a_restart(make_proxy, embedder_dir, meanings,
+                                                                    redis_server, tmp_path):
+    """With Redis the judged pairs go to the stream every proxy and the retrain job read; a proxy started
+    later (another node, or a restart) rebuilds the same guard from it."""
+    import redis
+
+    proxy = loose_proxy(make_proxy, tmp_path / "a", redis_url=redis_server.url)
+    ask(proxy, S2I)
+    settle(proxy)
+    assert ask(proxy, I2S)[1]["x-velo-action"] == "A"
+    floor = guard_of(settle(proxy))["floor"]
+    assert floor is not None
+    stream = redis.Redis.from_url(redis_server.url, decode_responses=True).xrange("velo:labels")
+    assert [json.loads(fields["label"])["question"] for _, fields in stream] == [I2S]
+    other = loose_proxy(make_proxy, tmp_path / "b", redis_url=redis_server.url)  # its own data dir: state from Redis
+    stats = settle(other)
+    assert guard_of(stats)["floor"] == floor and stats["labels"] == "redis:velo:labels"
+    assert not (tmp_path / "b" / "judged").exists()

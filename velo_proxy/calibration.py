@@ -24,6 +24,42 @@ DELTAS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
 #: no candidate threshold met the bound).
 NEVER_SERVE = 1.01
 SERVING_RULE = "serve A iff action_probs[A] >= thresholds[delta]; otherwise the more probable of B and C"
+#: z of a one-sided 95 % bound (every bound in the project: calibrations, the live guard)
+Z_95 = 1.645
+
+
+def wilson_upper(wrong: float, n: float, z: float = Z_95) -> float:
+    """One-sided 95 % upper confidence bound (Wilson score) of a rate observed as ``wrong`` of ``n``;
+    1 when nothing was observed."""
+    if n <= 0:
+        return 1.0
+    p = wrong / n
+    den = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    rad = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(min(1.0, (centre + rad) / den))
+
+
+def calibrate(scores: np.ndarray, relevant: np.ndarray, deltas=DELTAS) -> dict[str, float]:
+    """For each delta the smallest tau such that, among the labelled decisions with score >= tau, the
+    one-sided 95 % upper bound of the wrong share is <= delta (tau = NEVER_SERVE when none is). Scores
+    are the learned policy's P(A) or the pair verifier's score; ``relevant`` is 1 where serving is right."""
+    scores, relevant = np.asarray(scores, dtype=np.float64), np.asarray(relevant, dtype=np.float64)
+    order = np.argsort(-scores)
+    p_sorted, wrong = scores[order], 1.0 - relevant[order]
+    cum_wrong = np.cumsum(wrong)
+    out = {}
+    for d in deltas:
+        tau = NEVER_SERVE
+        for n in range(len(p_sorted), 0, -1):
+            # serving the top-n by score: threshold at p_sorted[n-1]; ties make the set larger, be safe
+            if n < len(p_sorted) and p_sorted[n] == p_sorted[n - 1]:
+                continue
+            if wilson_upper(cum_wrong[n - 1], n) <= d:
+                tau = float(p_sorted[n - 1])
+                break
+        out[delta_key(d)] = tau
+    return out
 
 
 def delta_key(delta: float) -> str:

@@ -25,21 +25,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
-#: z of a one-sided 95 % bound
-Z_95 = 1.6448536269514722
-
-
-def wilson_upper(wrong: int, n: int, z: float = Z_95) -> float:
-    """One-sided upper confidence bound (Wilson score) of a rate observed as ``wrong`` of ``n``; 1 when
-    nothing was observed."""
-    if n <= 0:
-        return 1.0
-    p = wrong / n
-    z2 = z * z
-    centre = p + z2 / (2 * n)
-    margin = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return min(1.0, (centre + margin) / (1 + z2 / n))
-
+from velo_proxy.calibration import Z_95, wilson_upper  # noqa: F401  (re-exported: the loop's bound)
 
 def answer_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(cosine, q) of two answer embeddings; q = -L2 distance, the paper's satisfaction (Eq. 2)."""

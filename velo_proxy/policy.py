@@ -88,8 +88,11 @@ class VerifiedPolicy(Policy):
                scores: dict[int, float] | None = None) -> Decision:
         if self.verify_rule is None or not scores:
             return Decision("B", None, 1.0, verifier_score=_best_score(scores))
+        rule = self.verify_rule
+        if rule.head != (1.0, 0.0, 0.0):  # a head recalibrated on judged traffic
+            scores = {i: rule.adjusted(s, hits[i].similarity) for i, s in scores.items()}
         indices = sorted(scores)
-        pick = self.verify_rule.choose(indices, [scores[i] for i in indices])
+        pick = rule.choose(indices, [scores[i] for i in indices])
         if pick is None:
             return Decision("B", None, 1.0, verifier_score=_best_score(scores))
         return Decision("A", hits[pick], 1.0, verifier_score=scores[pick])

@@ -4,6 +4,10 @@ the proxies hot-reload them from (``velo_proxy.policy_manager``). Its layout is 
     <root>/CURRENT                  JSON pointer: version, file, checkpoint (optional), published_at, ...
     <root>/versions/<version>.onnx  the exported actor the proxies serve
     <root>/versions/<version>.pt    its training checkpoint, where the next retrain starts from
+    <root>/VERIFIER                 the pair verifier's recalibration on judged traffic (JSON: version,
+                                    verifier_id, head, thresholds, cosine_floor, top_k, evaluation, ...);
+                                    read by the verified policy (``policy.retrain_verifier`` writes it)
+    <root>/versions/<version>.verifier.json   the same record, kept per version
 
 Every file is written atomically (temp file + rename) and ``CURRENT`` last, so a reader sees the old
 version or the new one, never half a file or a pointer to a file not yet there.
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 CURRENT = "CURRENT"
+VERIFIER = "VERIFIER"
 VERSIONS = "versions"
 
 
@@ -63,6 +68,23 @@ class PolicyDirectory:
             pointer["checkpoint"] = saved.name
         atomic_write(self.root / CURRENT, json.dumps(pointer, indent=2).encode())
         return target
+
+
+    def verifier_recalibration(self) -> dict[str, Any] | None:
+        """The published recalibration of the pair verifier; None when there is none (or unreadable)."""
+        try:
+            record = json.loads((self.root / VERIFIER).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("version") else None
+
+    def publish_verifier_recalibration(self, record: dict[str, Any]) -> Path:
+        """Keep ``versions/<version>.verifier.json``, then replace ``VERIFIER`` (atomically, last)."""
+        self.versions.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(record, indent=2).encode()
+        atomic_write(self.versions / f"{record['version']}.verifier.json", data)
+        atomic_write(self.root / VERIFIER, data)
+        return self.root / VERIFIER
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -37,11 +37,11 @@ class PolicyManager:
         settings = self.settings
         if settings.cache_enabled:
             if settings.policy == "verified":
-                self.current = self.verified_policy()
+                self.current = self.verified_policy(self.recalibration())
             if self.embedder is not None and settings.policy == "learned":
                 self._load_initial_policy()
         self._show_policy()
-        if settings.policy_dir is not None and self.embedder is not None and settings.policy == "learned":
+        if settings.policy_dir is not None and self.embedder is not None and settings.policy in ("learned", "verified"):
             self._watcher = asyncio.create_task(self._watch_policy_dir())
 
     async def aclose(self) -> None:
@@ -53,9 +53,28 @@ class PolicyManager:
         """The serving rule for the operator's bound, or None without a verifier."""
         return self.verifier.rule(self.settings.max_false_hit_rate) if self.verifier is not None else None
 
-    def verified_policy(self) -> VerifiedPolicy:
-        rule = self.verify_rule()
-        version = f"verified-{self.verifier.id}" if self.verifier is not None else "verified-unavailable"
+    def recalibration(self) -> dict[str, Any] | None:
+        """The verifier recalibration published in the policy directory for the loaded verifier."""
+        if self.settings.policy_dir is None or self.verifier is None:
+            return None
+        record = PolicyDirectory(self.settings.policy_dir).verifier_recalibration()
+        if record is None:
+            return None
+        if record.get("verifier_id") != self.verifier.id:
+            if record["version"] not in self.rejected_versions:
+                self.rejected_versions.add(record["version"])
+                log.error("verifier recalibration %s is for verifier %s, not %s: ignored", record["version"],
+                          record.get("verifier_id"), self.verifier.id)
+            return None
+        return record
+
+    def verified_policy(self, recalibration: dict[str, Any] | None = None) -> VerifiedPolicy:
+        """The verified policy; with a published ``recalibration``, its head and thresholds (and its
+        version in the policy's name)."""
+        if self.verifier is None:
+            return VerifiedPolicy(rule=None, version="verified-unavailable", top_p=self.settings.top_p_hits)
+        rule = self.verifier.rule(self.settings.max_false_hit_rate, recalibration)
+        version = f"verified-{self.verifier.id}" + (f"+{recalibration['version']}" if recalibration else "")
         if rule is not None and rule.threshold == float("inf"):
             log.warning("no verifier threshold is calibrated for a false-hit bound of %g: no semantic hits",
                         self.settings.max_false_hit_rate)
@@ -107,9 +126,25 @@ class PolicyManager:
             except Exception:  # noqa: BLE001 - the watcher must survive anything
                 log.exception("policy reload failed")
 
+    def _swap(self, candidate: Policy) -> None:
+        previous, self.current = self.current, candidate
+        self.metrics.policy_reloads.inc()
+        self._show_policy()
+        log.info("policy %s -> %s", previous.version, candidate.version)
+
     async def reload_policy(self, directory: PolicyDirectory) -> bool:
-        """Swap in the published version if it is new and valid; in-flight requests keep the policy
-        object they started with. Returns whether the policy changed."""
+        """Swap in the published version if it is new and valid (for the verified policy: a new
+        recalibration of its verifier); in-flight requests keep the policy object they started with.
+        Returns whether the policy changed."""
+        if self.settings.policy == "verified":
+            record = await asyncio.to_thread(self.recalibration)
+            if record is None:
+                return False
+            candidate = self.verified_policy(record)
+            if candidate.version == self.current.version:
+                return False
+            self._swap(candidate)
+            return True
         pointer = await asyncio.to_thread(directory.current)
         if pointer is None or pointer["version"] == self.current.version or pointer["version"] in self.rejected_versions:
             return False
@@ -120,8 +155,5 @@ class PolicyManager:
             self.metrics.failures.labels("policy", "rejected").inc()
             log.error("policy %s refused, keeping %s: %s", pointer["version"], self.current.version, exc)
             return False
-        previous, self.current = self.current, candidate
-        self.metrics.policy_reloads.inc()
-        self._show_policy()
-        log.info("policy %s -> %s", previous.version, candidate.version)
+        self._swap(candidate)
         return True

@@ -58,12 +58,34 @@ class VerifyRule:
         """Indices (best first) of the hits worth verifying."""
         return [i for i, s in enumerate(similarities) if s >= self.cosine_floor][: self.top_k]
 
+    head: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    """Output head recalibrated on judged live traffic (``policy.retrain_verifier``): the served score is
+    sigmoid(a * logit(score) + b * cosine + c); (1, 0, 0) leaves the verifier's score as it is."""
+
+    def adjusted(self, score: float, similarity: float) -> float:
+        """The score after the head (the identity head returns ``score`` itself)."""
+        return head_score(self.head, score, similarity)
+
     def choose(self, indices: Sequence[int], scores: Sequence[float]) -> int | None:
         """The hit to serve among verified ``indices`` with ``scores``, or None (forward)."""
         if not len(indices):
             return None
         best = int(np.argmax(np.asarray(scores, dtype=np.float64)))
         return int(indices[best]) if float(scores[best]) >= self.threshold else None
+
+
+IDENTITY_HEAD = (1.0, 0.0, 0.0)
+
+
+def head_score(head: Sequence[float], score: Any, similarity: Any) -> Any:
+    """sigmoid(a * logit(score) + b * similarity + c), elementwise on floats or arrays."""
+    a, b, c = (float(x) for x in head)
+    if (a, b, c) == IDENTITY_HEAD:
+        return score
+    p = np.clip(np.asarray(score, dtype=np.float64), 1e-6, 1 - 1e-6)
+    z = a * np.log(p / (1 - p)) + b * np.asarray(similarity, dtype=np.float64) + c
+    out = 1.0 / (1.0 + np.exp(-z))
+    return float(out) if out.ndim == 0 else out
 
 
 def threshold_for(calibration: dict[str, Any], max_false_hit_rate: float) -> float:
@@ -117,11 +139,14 @@ class PairVerifier:
         self.calls = 0
         self.pairs_scored = 0
 
-    def rule(self, max_false_hit_rate: float) -> VerifyRule:
-        """The serving rule calibrated for the operator's bound."""
-        return VerifyRule(cosine_floor=float(self.calibration.get("cosine_floor", 0.75)),
-                          top_k=int(self.calibration.get("top_k", 3)),
-                          threshold=threshold_for(self.calibration, max_false_hit_rate))
+    def rule(self, max_false_hit_rate: float, recalibration: dict[str, Any] | None = None) -> VerifyRule:
+        """The serving rule calibrated for the operator's bound: the model's own calibration, or a
+        ``recalibration`` the retrain job published for this verifier (its head and thresholds)."""
+        calibration = recalibration if recalibration is not None else self.calibration
+        return VerifyRule(cosine_floor=float(calibration.get("cosine_floor", 0.75)),
+                          top_k=int(calibration.get("top_k", 3)),
+                          threshold=threshold_for(calibration, max_false_hit_rate),
+                          head=tuple(float(x) for x in calibration.get("head", IDENTITY_HEAD)))
 
     def encode(self, queries: Sequence[str], candidates: Sequence[str]) -> dict[str, np.ndarray]:
         """The model's inputs for the pairs (queries[i], candidates[i]) (batch-padded, truncated)."""

@@ -39,6 +39,9 @@ class Decide:
         if found.scores:
             index = max(found.scores, key=lambda i: found.scores[i])
             score = found.scores[index]
+            rule = ctx.trace.policy.verify_rule
+            if rule is not None:  # in the units the policy serves on (a recalibrated head, if any)
+                score = rule.adjusted(score, hits[index].similarity)
         served = guard_score(ctx.trace.policy, hits[index], score)
         return NearMiss(hits[index], score, hits[index].similarity if served is None else served)
 
