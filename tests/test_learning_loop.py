@@ -207,8 +207,12 @@ def test_live_guard_keys_scopes_and_ages_judgements_out():
         guard.observe(label("b", 0.95, False))
     # scope b has a guard of its own now (3 judgements), stricter than the policy's
     assert guard.floor("p", "b") == math.nextafter(0.95, math.inf)
-    assert guard.floor("p", "a") == math.nextafter(0.95, math.inf)  # the policy-wide floor moved too
-    assert guard.estimate("p").judged == 4 and guard.estimate("p", "b").wrong == 3
+    assert guard.floor("p", "a") == math.nextafter(0.95, math.inf)  # a has too few: it shares the policy's
+    for _ in range(3):  # a now has judgements enough of its own: b's traffic no longer moves its floor
+        guard.observe(label("a", 0.97, True))
+    assert guard.floor("p", "a") == math.nextafter(0.9, math.inf)
+    assert guard.floor("p", "b") == math.nextafter(0.95, math.inf)
+    assert guard.estimate("p").judged == 7 and guard.estimate("p", "b").wrong == 3
     now[0] += 161  # every judgement is now older than max_age_s; the refresh runs at most once a minute
     assert guard.floor("p", "a") == NO_FLOOR
     off = LiveGuard(max_false_hit_rate=0.05, window=50, max_age_s=100, min_scope_judgements=3, enabled=False)
@@ -358,3 +362,13 @@ def test_with_redis_the_judgements_are_shared_and_survive_a_restart(make_proxy, 
     stats = settle(other)
     assert guard_of(stats)["floor"] == floor and stats["labels"] == "redis:velo:labels"
     assert not (tmp_path / "b" / "judged").exists()
+
+
+def test_live_guard_tracks_a_bounded_number_of_scopes():
+    guard = LiveGuard(max_false_hit_rate=0.05, window=10, max_age_s=1e9, min_scope_judgements=1, max_scopes=4)
+    for i in range(10):
+        guard.observe(Label(kind="shadow", judge="verifier", correct=False, question="q", cached_question="c",
+                            entry="e", scope=f"s{i}", policy="p", similarity=0.9, verifier_score=None,
+                            served_score=0.9))
+    scopes = guard.stats()["policies"]["p"]["scopes"]
+    assert sorted(scopes) == ["s7", "s8", "s9"] and guard.stats()["policies"]["p"]["judgements"] == 10

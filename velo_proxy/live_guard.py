@@ -16,7 +16,9 @@ newest ``window`` judgements younger than ``max_age_s`` and derives:
 Near-miss reviews are judgements too, of candidates that were not served: they are what lets the
 floor come down again while the guard keeps those candidates from being served (and old judgements
 age out of the window). A request is served semantically only if its score reaches
-max(floor of the policy, floor of its scope). The state is rebuilt from the label store at start.
+the floor of its scope when the scope has ``min_scope_judgements`` of its own (so one tenant's traffic
+never moves another's floor), else the floor of the policy. The state is rebuilt from the label store
+at start. At most ``max_scopes`` scopes are tracked (the least recently judged is dropped).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -104,7 +106,8 @@ class _Window:
 
 class LiveGuard:
     def __init__(self, *, max_false_hit_rate: float, window: int, max_age_s: float, min_scope_judgements: int,
-                 enabled: bool = True, metrics: Any = None, clock: Callable[[], float] = time.time) -> None:
+                 enabled: bool = True, metrics: Any = None, clock: Callable[[], float] = time.time,
+                 max_scopes: int = 10_000) -> None:
         self.max_false_hit_rate = max_false_hit_rate
         self.window = window
         self.max_age_s = max_age_s
@@ -112,7 +115,8 @@ class LiveGuard:
         self.enabled = enabled
         self.metrics = metrics
         self._clock = clock
-        self._windows: dict[tuple[str, str | None], _Window] = {}
+        self.max_scopes = max_scopes
+        self._windows: OrderedDict[tuple[str, str | None], _Window] = OrderedDict()
         self._lock = threading.Lock()
         self._refreshed = clock()
 
@@ -121,9 +125,7 @@ class LiveGuard:
         judged = _Judged(label.ts, float(label.served_score), bool(label.correct), label.kind == "shadow")
         with self._lock:
             for key in ((label.policy, None), (label.policy, label.scope)):
-                w = self._windows.get(key)
-                if w is None:
-                    w = self._windows[key] = _Window(self.window)
+                w = self._window(key)
                 w.items.append(judged)
                 self._update(key, w)
         self._export(label.policy)
@@ -135,13 +137,24 @@ class LiveGuard:
             for label in labels:
                 judged = _Judged(label.ts, float(label.served_score), bool(label.correct), label.kind == "shadow")
                 for key in ((label.policy, None), (label.policy, label.scope)):
-                    self._windows.setdefault(key, _Window(self.window)).items.append(judged)
+                    self._window(key).items.append(judged)
                 count += 1
             for key, w in self._windows.items():
                 self._update(key, w, quiet=True)
         for policy in {p for p, _ in self._windows}:
             self._export(policy)
         return count
+
+    def _window(self, key: tuple[str, str | None]) -> _Window:
+        w = self._windows.get(key)
+        if w is None:
+            w = self._windows[key] = _Window(self.window)
+            if len(self._windows) > self.max_scopes:
+                oldest = next(k for k in self._windows if k[1] is not None)
+                del self._windows[oldest]
+        else:
+            self._windows.move_to_end(key)
+        return w
 
     def _update(self, key: tuple[str, str | None], w: _Window, *, quiet: bool = False) -> None:
         w.prune(self._clock() - self.max_age_s)
@@ -174,14 +187,13 @@ class LiveGuard:
         if not self.enabled:
             return NO_FLOOR
         self._refresh()
-        floor = NO_FLOOR
-        w = self._windows.get((policy, None))
-        if w is not None:
-            floor = w.floor
+        # a scope with judgements enough is judged on its own (another tenant's traffic does not move
+        # its floor); the others share the policy's
         s = self._windows.get((policy, scope))
         if s is not None and len(s.items) >= self.min_scope_judgements:
-            floor = max(floor, s.floor)
-        return floor
+            return s.floor
+        w = self._windows.get((policy, None))
+        return w.floor if w is not None else NO_FLOOR
 
     # ----- reporting ----------------------------------------------------------------------------
     def estimate(self, policy: str, scope: str | None = None) -> Estimate:

@@ -44,6 +44,10 @@ class LearningLoop:
         if settings.judge == "llm":
             assert settings.judge_model is not None  # Settings checks it
             self.judge: VerifierJudge | LLMJudge = LLMJudge(complete=self._ask_judge, model=settings.judge_model)
+            try:
+                services.upstream.resolve(settings.judge_model)
+            except ProxyError as err:  # the proxy still serves; every judgement fails and is counted
+                log.error("the LLM judge's model %r cannot be reached: %s", settings.judge_model, err.message)
         else:
             verify = self.components.verify if services.verifier is not None else None
             self.judge = VerifierJudge(embed=self.components.embed, verify=verify,
