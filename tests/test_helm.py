@@ -37,6 +37,10 @@ MODES = {
 WORKLOAD_KINDS = {"DaemonSet", "Deployment", "StatefulSet", "CronJob"}
 # Kinds whose schema is a CRD, not in kubernetes-validate: checked structurally instead.
 CRD_KINDS = {"ServiceMonitor"}
+# the retrain job, and the learning loop it needs (any policy it can improve: verified or learned)
+RETRAIN = ("learningLoop.enabled=true", "retrain.enabled=true")
+# the whole loop: the learned policy also logs the decisions the job's lrs stage learns from
+LOOP = ("policy.name=learned", *RETRAIN)
 
 
 def _helm() -> str:
@@ -138,22 +142,39 @@ def test_every_manifest_validates_strict(mode: str) -> None:
 
 def test_schema_rejects_bad_values() -> None:
     for bad in ("mode=statefulset", "qdrant.mode=cloud", "unknownKey=1", "config.maxFalseHitRate=2",
-                "config.maxFalseHitRate=1.5", "config.shadowRate=1.5", "policy.name=lrs", "retrain.enabled=yes"):
-        proc = subprocess.run(
-            [_helm(), "template", RELEASE, str(CHART), "--set", bad], capture_output=True, text=True, timeout=60
-        )
-        assert proc.returncode != 0, bad
-    # the learning loop needs Redis and the learned policy (the only one that logs its decisions)
-    for sets, message in ((["redis.mode=none", "policy.name=learned"], "retrain.enabled needs Redis"),
-                          (["policy.name=verified"], "retrain.enabled needs policy.name=learned"),
-                          (["policy.name=threshold"], "retrain.enabled needs policy.name=learned")):
-        args = [a for s in ("retrain.enabled=true", *sets) for a in ("--set", s)]
-        proc = subprocess.run([_helm(), "template", RELEASE, str(CHART), *args], capture_output=True, text=True,
-                              timeout=60)
-        assert proc.returncode != 0 and message in proc.stderr, sets
+                "config.maxFalseHitRate=1.5", "policy.name=lrs", "retrain.enabled=yes",
+                "config.shadowRate=0.05",  # moved to learningLoop.shadowRate
+                "learningLoop.enabled=yes", "learningLoop.shadowRate=1.5", "learningLoop.nearMissReviewRate=-0.1",
+                "learningLoop.nearMissFloor=1.5", "learningLoop.judge=gpt", "learningLoop.judgeBudgetPerMin=-1",
+                "learningLoop.liveGuard=maybe", "learningLoop.promoteNearMisses=1", "learningLoop.guardWindow=10"):
+        _fails(bad)
+    # retrain learns from the loop's judged pairs (and the experience) in Redis, for a policy it can improve
+    for sets, message in ((["learningLoop.enabled=true", "redis.mode=none", "policy.name=learned"],
+                           "retrain.enabled needs Redis"),
+                          (["learningLoop.enabled=false", "policy.name=learned"],
+                           "retrain.enabled needs learningLoop.enabled=true"),
+                          (["learningLoop.enabled=false", "policy.name=verified"],
+                           "retrain.enabled needs learningLoop.enabled=true"),
+                          (["learningLoop.enabled=true", "policy.name=threshold"],
+                           "retrain.enabled needs policy.name=verified or learned")):
+        proc = _fails("retrain.enabled=true", *sets)
+        assert message in proc.stderr, (sets, proc.stderr)
     for name in ("verified", "threshold", "learned"):  # every policy renders without the loop, with or without Redis
         for redis_mode in ("internal", "none"):
             assert configmap(render("default", f"policy.name={name}", f"redis.mode={redis_mode}"))["VELO_POLICY"] == name
+            # and with the loop on (judging needs no Redis: without it the judged pairs go to a file)
+            cm = configmap(render("default", f"policy.name={name}", f"redis.mode={redis_mode}", "learningLoop.enabled=true"))
+            assert (cm["VELO_POLICY"], cm["VELO_SHADOW_RATE"]) == (name, "0.05")
+    for name in ("verified", "learned"):
+        assert "CronJob" in kinds(render("default", f"policy.name={name}", *RETRAIN))
+
+
+def _fails(*sets: str) -> subprocess.CompletedProcess[str]:
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([_helm(), "template", RELEASE, str(CHART), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0, sets
+    return proc
 
 
 # --- topology ------------------------------------------------------------------------------------------
@@ -168,9 +189,12 @@ def test_default_is_edge_daemonset_with_sidecar_redis_and_no_learning_loop() -> 
     assert [c["name"] for c in pod_spec(ds)["containers"]] == ["proxy", "qdrant"]
     assert {s["metadata"]["name"] for s in by["StatefulSet"]} == {f"{RELEASE}-velo-proxy-redis"}
     assert env_of(container(ds, "proxy"))["VELO_AGENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    # The default policy logs no experience: no retrain CronJob, no policy volume, the image's policy.
+    # The loop judges by default as the proxy does (shadow checks, no near-miss reviews, the guard), but there is no
+    # retrain CronJob, no policy volume: the image's policy.
     cm = configmap(docs)
     assert cm["VELO_POLICY"] == "verified" and "VELO_POLICY_DIR" not in cm
+    assert cm["VELO_SHADOW_RATE"] == "0.05" and cm["VELO_NEAR_MISS_REVIEW_RATE"] == "0"
+    assert cm["VELO_LIVE_GUARD"] == "true" and cm["VELO_JUDGE"] == "verifier" and "VELO_JUDGE_MODEL" not in cm
     assert "CronJob" not in by and "PersistentVolumeClaim" not in by
     assert "policy" not in {v["name"] for v in pod_spec(ds)["volumes"]}
 
@@ -221,6 +245,9 @@ def test_deployment_external_mode() -> None:
     assert proxy_env["VELO_AGENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     cron = one(docs, "CronJob")
     assert env_of(container(cron, "retrain"))["VELO_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "velo-redis"
+    # the verified policy with the loop on (an LLM judge) and its retrain job (the verifier stage)
+    assert (cm["VELO_POLICY"], cm["VELO_JUDGE"], cm["VELO_JUDGE_MODEL"]) == ("verified", "llm", "gpt-4o-mini")
+    assert cm["VELO_SHADOW_RATE"] == "0.05" and cm["VELO_POLICY_DIR"] == "/var/lib/velo/policies"
 
 
 def test_deployment_without_hpa_sets_replicas() -> None:
@@ -248,12 +275,64 @@ def test_ephemeral_sidecar_storage() -> None:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
+# --- the learning loop --------------------------------------------------------------------------------
+
+
+def test_learning_loop_off_judges_nothing() -> None:
+    """Off, the loop's rates are rendered 0 whatever they are set to; its other values are rendered as they are
+    (the guard gets no new judgements)."""
+    cm = configmap(render("default", "learningLoop.enabled=false", "learningLoop.shadowRate=0.5",
+                          "learningLoop.nearMissReviewRate=0.5", "learningLoop.liveGuard=false"))
+    assert cm["VELO_SHADOW_RATE"] == "0" and cm["VELO_NEAR_MISS_REVIEW_RATE"] == "0"
+    assert cm["VELO_LIVE_GUARD"] == "false"
+    assert "CronJob" not in kinds(render("default", "learningLoop.shadowRate=0.5"))
+
+
+def test_learning_loop_values_render_into_the_configmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from velo_proxy.settings import Settings
+
+    docs = render("default", "learningLoop.enabled=true", "learningLoop.shadowRate=0.1",
+                  "learningLoop.nearMissReviewRate=0.25", "learningLoop.nearMissFloor=0.85",
+                  "learningLoop.promoteNearMisses=false", "learningLoop.judge=llm", "learningLoop.judgeModel=qwen",
+                  "learningLoop.judgeBudgetPerMin=12.5", "learningLoop.liveGuard=false")
+    cm = configmap(docs)
+    expected = {"VELO_SHADOW_RATE": "0.1", "VELO_NEAR_MISS_REVIEW_RATE": "0.25", "VELO_NEAR_MISS_FLOOR": "0.85",
+                "VELO_PROMOTE_NEAR_MISSES": "false", "VELO_JUDGE": "llm", "VELO_JUDGE_MODEL": "qwen",
+                "VELO_JUDGE_BUDGET_PER_MIN": "12.5", "VELO_LIVE_GUARD": "false"}
+    assert {k: cm.get(k) for k in expected} == expected
+    assert "CronJob" not in kinds(docs), "the loop judges; the retrain job is retrain.enabled"
+    for key in [k for k in __import__("os").environ if k.startswith("VELO_")]:
+        monkeypatch.delenv(key)
+    for key, value in cm.items():
+        if key.startswith("VELO_"):
+            monkeypatch.setenv(key, value)
+    s = Settings()
+    assert (s.shadow_rate, s.near_miss_review_rate, s.near_miss_floor, s.promote_near_misses) == (0.1, 0.25, 0.85, False)
+    assert (s.judge, s.judge_model, s.judge_budget_per_min, s.live_guard) == ("llm", "qwen", 12.5, False)
+    # the defaults, with the loop on
+    cm = configmap(render("default", "learningLoop.enabled=true"))
+    assert (cm["VELO_SHADOW_RATE"], cm["VELO_NEAR_MISS_REVIEW_RATE"], cm["VELO_NEAR_MISS_FLOOR"]) == ("0.05", "0", "0.8")
+    assert (cm["VELO_JUDGE"], cm["VELO_JUDGE_BUDGET_PER_MIN"], cm["VELO_PROMOTE_NEAR_MISSES"]) == ("verifier", "60", "true")
+
+
+def test_llm_judge_needs_a_model() -> None:
+    """The proxy refuses to start with VELO_JUDGE=llm and no VELO_JUDGE_MODEL: the chart refuses to render it."""
+    for sets in (("learningLoop.judge=llm",), ("learningLoop.enabled=true", "learningLoop.judge=llm"),
+                 ("learningLoop.enabled=true", "learningLoop.judge=llm", "learningLoop.judgeModel=")):
+        proc = _fails(*sets)
+        assert "learningLoop.judge=llm needs learningLoop.judgeModel" in proc.stderr, (sets, proc.stderr)
+    assert configmap(render("default", "learningLoop.judge=llm", "learningLoop.judgeModel=qwen"))["VELO_JUDGE"] == "llm"
+
+
 # --- retrain -------------------------------------------------------------------------------------------
 
 
-def test_retrain_cronjob_shares_policy_volume_with_proxies() -> None:
-    docs = render("default", "policy.name=learned", "retrain.enabled=true")
-    assert configmap(docs)["VELO_POLICY"] == "learned"
+@pytest.mark.parametrize("policy", ["learned", "verified"])
+def test_retrain_cronjob_shares_policy_volume_with_proxies(policy: str) -> None:
+    """The retrain job publishes into the policy volume; the proxies mount it read-only and hot-reload from it:
+    a new learned policy (policy learned) or a recalibration of the pair verifier (policy verified)."""
+    docs = render("default", f"policy.name={policy}", *RETRAIN)
+    assert configmap(docs)["VELO_POLICY"] == policy
     cron = one(docs, "CronJob")
     retrain = container(cron, "retrain")
     assert retrain["command"] == ["velo-proxy"] and retrain["args"] == ["retrain"]
@@ -274,6 +353,9 @@ def test_retrain_cronjob_shares_policy_volume_with_proxies() -> None:
     # The job reads VELO_REDIS_URL and VELO_POLICY_DIR from the same ConfigMap as the proxies.
     assert retrain["envFrom"] == [{"configMapRef": {"name": one(docs, "ConfigMap")["metadata"]["name"]}}]
     assert configmap(docs)["VELO_REDIS_URL"].startswith("redis://")
+    assert env_of(retrain)["HOME"]["value"] == "/tmp"
+    # the pods judge (the job's verifier stage learns from their judged pairs)
+    assert float(configmap(docs)["VELO_SHADOW_RATE"]) > 0
 
 
 def test_retrain_off() -> None:
@@ -282,14 +364,13 @@ def test_retrain_off() -> None:
     assert "CronJob" not in by and "PersistentVolumeClaim" not in by and "StatefulSet" not in by
     cm = configmap(docs)
     assert "VELO_POLICY_DIR" not in cm and "VELO_REDIS_URL" not in cm
+    assert cm["VELO_SHADOW_RATE"] == "0" and cm["VELO_NEAR_MISS_REVIEW_RATE"] == "0"
     dep = one(docs, "Deployment")
     assert "policy" not in {v["name"] for v in pod_spec(dep)["volumes"]}
     assert cm["VELO_QDRANT_URL"] == "http://127.0.0.1:6333"
 
 
 # --- the retrain CronJob as rendered, run here with exactly what its pod gets -----------------------------
-
-LOOP = ("policy.name=learned", "retrain.enabled=true")
 
 
 def _image_stages(target: str) -> list:
@@ -337,18 +418,49 @@ def _pod_env(docs: list[dict], c: dict, image_env: dict[str, str]) -> dict[str, 
     return env
 
 
+def _judged_pairs(n: int) -> list:
+    """``n`` distinct judged pairs as the proxies store them (``velo_proxy.judging.Label``), half of them right."""
+    from velo_proxy.judging import Label
+
+    topics = ["reset my router", "renew a passport", "bake sourdough bread", "change a bike tyre", "file a tax return",
+              "learn the guitar", "clean a cast iron pan", "plant tomatoes", "back up a phone", "tie a bow tie"]
+    labels = []
+    for i in range(n):
+        topic = topics[i % len(topics)]
+        right = i % 2 == 0
+        question = f"How do I {topic}? (case {i})"
+        cached = f"What is the way to {topic}? (case {i})" if right else f"How do I {topics[(i + 3) % len(topics)]}?"
+        labels.append(Label(kind="shadow" if i % 3 else "near_miss", judge="verifier", correct=right,
+                            question=question, cached_question=cached, entry=f"e{i}", scope="default",
+                            policy="verified", similarity=0.93 if right else 0.86, verifier_score=None,
+                            served_score=0.93 if right else 0.86, request_id=f"r{i}", ts=1_700_000_000.0 + i))
+    return labels
+
+
 def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, verifier_dir: Path, *,
-                     drop: tuple[str, ...] = ()):
+                     drop: tuple[str, ...] = (), labels: list | tuple = (), values: tuple[str, ...] = LOOP):
     """Render the learning loop, then run the CronJob's container command here with its pod's environment.
     Paths are mapped: each volumeMount to a local directory, the image's embedder to the exported one (after
     checking the train image carries it); every other absolute path in the environment points into a local
-    stand-in of the read-only root filesystem, which must stay empty."""
+    stand-in of the read-only root filesystem, which must stay empty. ``labels`` are put into the Redis
+    stream of judged pairs first, as the proxies write them."""
     import json
     import os
     import sys
     from urllib.parse import urlsplit
 
-    docs = render("default", *LOOP)
+    import redis
+
+    from velo_proxy.labels import LABELS_STREAM
+
+    if labels:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            for label in labels:
+                client.xadd(LABELS_STREAM, {"label": json.dumps(label.to_json())})
+        finally:
+            client.close()
+    docs = render("default", *values)
     cron = one(docs, "CronJob")
     c = container(cron, "retrain")
     assert pod_spec(cron)["restartPolicy"] == "Never" and c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -398,12 +510,18 @@ def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, verifie
 
 def test_retrain_cronjob_gets_every_file_and_variable_it_reads(tmp_path: Path, redis_server, embedder_dir,
                                                               verifier_dir) -> None:
-    """`velo-proxy retrain` checks every input before it reads the experience (policy.retrain.preflight): Redis,
-    the policy directory, the checkpoint, the embedder, the pair verifier, the simulator's texts, its cache. Run
-    with the pod's
-    environment and an empty Redis, it finds them all and stops at "no logged decisions yet" (exit 0)."""
-    done, report, mapping, c = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, verifier_dir)
+    """`velo-proxy retrain` (both stages) run with the pod's environment. The verifier stage reads the judged pairs
+    from the Redis stream velo:labels (a handful: too few to fit, so nothing is published). The lrs stage checks
+    every input before it reads the experience (policy.retrain.preflight): Redis, the policy directory, the
+    checkpoint, the embedder, the pair verifier, the simulator's texts, its cache. With no experience in Redis, it
+    finds them all and stops at "no logged decisions yet" (exit 0)."""
+    labels = _judged_pairs(5)
+    done, report, mapping, c = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, verifier_dir,
+                                                labels=labels)
     assert done.returncode == 0, done.stderr[-3000:]
+    verifier = report["verifier"]
+    assert "velo:labels" in verifier["source"] and verifier["labels"] == len(labels)
+    assert verifier["published"] is False and "distinct judged pairs" in verifier["reason"], verifier
     assert report["published"] is False and report["decisions"] == 0 and "logged decisions" in report["reason"]
     inputs = report["inputs"]
     mounts = {m["name"]: mapping[m["mountPath"]] for m in c["volumeMounts"]}
@@ -414,6 +532,29 @@ def test_retrain_cronjob_gets_every_file_and_variable_it_reads(tmp_path: Path, r
     # no datasets directory in the pod: the simulator's texts are the package's snapshot
     assert inputs["simulator_data"]["source"].startswith("package snapshot") and inputs["simulator_data"]["clusters"] > 1000
     assert Path(inputs["cache_dir"]).is_relative_to(mounts["tmp"])  # $HOME=/tmp, the writable emptyDir
+    assert not any(mounts["policy"].iterdir()), "nothing was better, nothing is published"
+
+
+def test_retrain_cronjob_recalibrates_the_verified_policy_in_its_pod(tmp_path: Path, redis_server, embedder_dir,
+                                                                     verifier_dir) -> None:
+    """Policy verified, loop and retrain on, enough judged pairs in Redis: the job's verifier stage scores them with
+    the image's pair verifier and fits (no datasets, nothing written outside its volumes). It publishes the
+    recalibration into the policy volume (VERIFIER, which the proxies hot-reload) only when it is better."""
+    from velo_proxy.policy_dir import VERIFIER
+
+    labels = _judged_pairs(80)
+    done, report, mapping, c = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, verifier_dir,
+                                                labels=labels, values=("policy.name=verified", *RETRAIN))
+    assert done.returncode == 0, done.stderr[-3000:]
+    verifier = report["verifier"]
+    assert "velo:labels" in verifier["source"] and verifier["labels"] == verifier["pairs"] == len(labels), verifier
+    assert min(split["pairs"] for split in verifier["split"].values()) > 0, verifier
+    assert "evaluation" in verifier, verifier  # fitted and compared on the held-out pairs
+    assert verifier["published"] or "not better" in verifier["reason"], verifier
+    policy_dir = {m["name"]: mapping[m["mountPath"]] for m in c["volumeMounts"]}["policy"]
+    assert (policy_dir / VERIFIER).is_file() == verifier["published"]
+    # the lrs stage ran its preflight too and found no logged decisions (the verified policy logs none)
+    assert report["published"] is False and report["decisions"] == 0
 
 
 @pytest.mark.parametrize("missing", ["VELO_EMBEDDER_DIR", "VELO_VERIFIER_DIR"])
@@ -467,7 +608,8 @@ def _checksums(*sets: str) -> dict[str, str]:
 def test_checksum_annotation_rolls_pods_on_config_change() -> None:
     base = _checksums()
     assert base == _checksums(), "rendering is deterministic"
-    assert _checksums("config.shadowRate=0.1")["checksum/config"] != base["checksum/config"]
+    assert _checksums("learningLoop.enabled=false")["checksum/config"] != base["checksum/config"]
+    assert _checksums("learningLoop.shadowRate=0.1")["checksum/config"] != base["checksum/config"]
     assert _checksums("config.upstreamBaseUrl=http://other:8000/v1")["checksum/config"] != base["checksum/config"]
     assert _checksums("resources.limits.cpu=4")["checksum/config"] == base["checksum/config"]
     # Key rotation through the chart's Secret rolls the pods too.
@@ -581,6 +723,20 @@ def test_notes_render(mode: str, tmp_path: Path) -> None:
         assert "config.upstreamBaseUrl is empty" in notes
     else:
         assert "config.upstreamBaseUrl is empty" not in notes
+    loop = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in notes.splitlines()
+            if line.startswith("  ") and ":" in line and line.split(":", 1)[0].strip() in ("loop", "retrain")}
+    if mode == "retrain-off":
+        assert loop["loop"].startswith("off") and loop["retrain"].startswith("off"), loop
+    elif mode == "default":  # judging as the proxy does, no retrain job
+        assert loop["loop"].startswith("on: shadow checks 0.05, near-miss reviews 0"), loop
+        assert loop["retrain"].startswith("off"), loop
+    else:
+        assert loop["loop"].startswith("on: shadow checks 0.05") and "Redis stream velo:labels" in loop["loop"], loop
+        assert "verifier stage from the judged pairs" in loop["retrain"], loop
+        # only the learned policy logs the decisions of the lrs stage
+        assert ("lrs stage" in loop["retrain"]) == (mode == "daemonset-sidecar"), loop
+    if mode == "deployment-external":
+        assert "judge llm (gpt-4o-mini)" in loop["loop"], loop
 
 
 # --- values.yaml: every value documented, schema covers it, YAML lint ---------------------------------

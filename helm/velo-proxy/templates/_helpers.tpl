@@ -113,10 +113,16 @@ app.kubernetes.io/component: redis
 {{/* Refuse combinations that cannot work. */}}
 {{- define "velo-proxy.validate" -}}
 {{- if and .Values.retrain.enabled (eq .Values.redis.mode "none") }}
-{{- fail "retrain.enabled needs Redis (the experience streams): set redis.mode to internal or external, or retrain.enabled=false" }}
+{{- fail "retrain.enabled needs Redis (the judged pairs and the experience streams): set redis.mode to internal or external, or retrain.enabled=false" }}
 {{- end }}
-{{- if and .Values.retrain.enabled (ne .Values.policy.name "learned") }}
-{{- fail (printf "retrain.enabled needs policy.name=learned: policy %q logs no decisions for the retrain job to learn from" .Values.policy.name) }}
+{{- if and .Values.retrain.enabled (not .Values.learningLoop.enabled) }}
+{{- fail "retrain.enabled needs learningLoop.enabled=true: with the loop off nothing is judged, so the retrain job has no judged pairs to learn from" }}
+{{- end }}
+{{- if and .Values.retrain.enabled (eq .Values.policy.name "threshold") }}
+{{- fail "retrain.enabled needs policy.name=verified or learned: the threshold policy is recalibrated by nothing the retrain job learns (the verifier stage refits the verified policy's verifier, the lrs stage the learned policy)" }}
+{{- end }}
+{{- if and (eq .Values.learningLoop.judge "llm") (not .Values.learningLoop.judgeModel) }}
+{{- fail "learningLoop.judge=llm needs learningLoop.judgeModel: the client model name the LLM judge asks (the proxy refuses to start without VELO_JUDGE_MODEL)" }}
 {{- end }}
 {{- if and (eq .Values.qdrant.sidecar.persistence.type "hostPath") (ne .Values.mode "daemonset") (eq .Values.qdrant.mode "sidecar") }}
 {{- fail "qdrant.sidecar.persistence.type=hostPath is only for mode=daemonset (one pod per node); use emptyDir or ephemeral" }}
