@@ -69,11 +69,9 @@ def _train_job(args):
     data_path, method, w, tcfg_kw, out = args
     import torch
 
-    from velo_proxy import features as F
-
     from .networks import make_actor  # noqa: F401
     from .sim import SimConfig
-    from .train import METHODS, TrainConfig, save_actor, train
+    from .train import TrainConfig, actor_meta, save_actor, train
 
     with open(data_path, "rb") as f:
         data = pickle.load(f)
@@ -82,9 +80,8 @@ def _train_job(args):
     cfg = TrainConfig(method=method, sim=replace(sim, qos=replace(sim.qos, w=w)), **tcfg_kw)
     t0 = time.time()
     actor, _ = train(data, cfg, log_csv=out / f"{method}-w{w:g}.csv", progress=True)
-    save_actor(actor, out / f"{method}-w{w:g}.pt", {"arch": METHODS[method][0], "dim": data.dim, "k": F.K,
-                                                    "top_p": cfg.sim.top_p, "embedder_id": data.embedder_id,
-                                                    "config": asdict(cfg)})
+    save_actor(actor, out / f"{method}-w{w:g}.pt", actor_meta(method, dim=data.dim, top_p=cfg.sim.top_p,
+                                                              embedder_id=data.embedder_id, config=asdict(cfg)))
     return method, w, time.time() - t0
 
 

@@ -2,7 +2,8 @@
 expert demonstrations mixed in with a decaying share (Algorithm 1).
 
 Methods: ``lrs`` = Transformer actor + demonstrations; ``t-mappo`` = Transformer, no demonstrations;
-``g-mappo`` = MLP actor + demonstrations; ``mappo`` = MLP actor, no demonstrations.
+``g-mappo`` = MLP actor + demonstrations; ``mappo`` = MLP actor, no demonstrations; ``dlrs`` (and
+variants) = the diffusion actor over LRS's encoder + demonstrations.
 
 One run trains for one w (the table trains one policy per w; the actor does not take w as input).
 
@@ -32,6 +33,21 @@ from .sim import EdgeSim, SimConfig
 
 METHODS = {"lrs": ("transformer", True), "t-mappo": ("transformer", False), "g-mappo": ("mlp", True),
            "mappo": ("mlp", False)}
+# DLRS (docs/policy.md, "DLRS") and the paper's variants, as we read their names: L<n> = n denoising
+# steps, V<n> = noise scale n / 10 at x_T; DLRS itself is L10 at scale 1.
+ARCH_OPTIONS: dict[str, dict] = {"dlrs": {"steps": 10, "noise_scale": 1.0}}
+for _steps in (5, 15):
+    ARCH_OPTIONS[f"dlrs-l{_steps}"] = {"steps": _steps, "noise_scale": 1.0}
+for _scale in (5, 10, 15):
+    ARCH_OPTIONS[f"dlrs-v{_scale}"] = {"steps": 10, "noise_scale": _scale / 10}
+for _name in ARCH_OPTIONS:
+    METHODS[_name] = ("diffusion", True)
+
+
+def actor_meta(method: str, *, dim: int, top_p: int, embedder_id: str, **extra) -> dict:
+    """What a checkpoint records to rebuild its actor (``load_actor``)."""
+    return {"arch": METHODS[method][0], "arch_options": ARCH_OPTIONS.get(method, {}), "method": method,
+            "dim": dim, "k": F.K, "top_p": top_p, "embedder_id": embedder_id, **extra}
 
 
 @dataclass
@@ -39,7 +55,8 @@ class TrainConfig:
     """Hyperparameters of one training run."""
 
     method: str = "lrs"
-    """lrs | t-mappo | g-mappo | mappo."""
+    """lrs | t-mappo | g-mappo | mappo | dlrs (and its variants dlrs-l5, dlrs-l15, dlrs-v5, dlrs-v10,
+    dlrs-v15: ``ARCH_OPTIONS``)."""
     updates: int = 80
     """PPO updates (each on one rollout)."""
     rollout_steps: int = 128
@@ -140,7 +157,7 @@ def train(data: Dataset, cfg: TrainConfig, *, log_csv: Path | None = None, progr
     N, D, P, K = sim.N, data.dim, sim_cfg.top_p, F.K
     obs = sim.reset()
     S = sim.global_state(obs).shape[1]
-    actor = make_actor(arch, D, K, P)
+    actor = make_actor(arch, D, K, P, **ARCH_OPTIONS.get(cfg.method, {}))
     critic = Critic(S, N)
     opt_a = torch.optim.Adam(actor.parameters(), lr=cfg.lr_actor, eps=1e-5)
     opt_c = torch.optim.Adam(critic.parameters(), lr=cfg.lr_critic, eps=1e-5)
@@ -449,7 +466,7 @@ def save_actor(actor, path: Path, meta: dict) -> None:
 def load_actor(path: Path):
     ck = torch.load(path, weights_only=False)
     m = ck["meta"]
-    actor = make_actor(m["arch"], m["dim"], m["k"], m["top_p"])
+    actor = make_actor(m["arch"], m["dim"], m["k"], m["top_p"], **m.get("arch_options", {}))
     actor.load_state_dict(ck["state_dict"])
     actor.eval()
     return actor, m
@@ -484,10 +501,9 @@ def main(argv=None) -> None:
     sim = SimConfig()
     cfg = TrainConfig(**kw, sim=replace(sim, qos=replace(sim.qos, w=args.w)))
     actor, _ = train(data, cfg, log_csv=args.out / f"{cfg.method}-w{args.w:g}.csv")
-    arch, _ = METHODS[cfg.method]
     save_actor(actor, args.out / f"{cfg.method}-w{args.w:g}.pt",
-               {"arch": arch, "dim": data.dim, "k": F.K, "top_p": cfg.sim.top_p, "embedder_id": data.embedder_id,
-                "config": asdict(cfg)})
+               actor_meta(cfg.method, dim=data.dim, top_p=cfg.sim.top_p, embedder_id=data.embedder_id,
+                          config=asdict(cfg)))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ def embedder_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_data(test_data, embedder_dir, verifier_dir):
+    """The simulator's tiny dataset (DataSpec.tiny(), from tests/data) with the real embedder's vectors and the
+    real verifier's pair scores (needs torch: the training tests)."""
+    from policy.data import DataSpec, build_dataset
+    from policy.pair_scores import attach_installed_verifier
+    from velo_proxy.embedder import OnnxEmbedder
+
+    data = build_dataset(DataSpec.tiny(), OnnxEmbedder(embedder_dir, threads=2), progress=False)
+    attach_installed_verifier(data, verifier_dir=verifier_dir, progress=False)
+    return data
+
+
+@pytest.fixture(scope="session")
 def verifier_dir() -> Path:
     path = Settings().verifier_dir
     if not (path / "model.onnx").exists():

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from policy.baselines import NeuralPolicy, RandomPolicy  # noqa: E402
-from policy.data import DataSpec, build_dataset  # noqa: E402
+from policy.data import DataSpec  # noqa: E402
 from policy.evaluate import evaluate  # noqa: E402
 from policy.export import export_onnx, parity  # noqa: E402
 from policy.sim import SimConfig  # noqa: E402
@@ -23,13 +23,8 @@ from velo_proxy import features as F  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(test_data, embedder_dir, verifier_dir):
-    from policy.pair_scores import attach_installed_verifier
-    from velo_proxy.embedder import OnnxEmbedder
-
-    data = build_dataset(DataSpec.tiny(), OnnxEmbedder(embedder_dir, threads=2), progress=False)
-    attach_installed_verifier(data, verifier_dir=verifier_dir, progress=False)  # the real verifier's scores
-    return data
+def tiny(tiny_data):
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
