@@ -248,7 +248,7 @@ async def test_cancelled_and_timed_out_callers_do_not_break_the_batcher(embedder
     # Later calls still work and give the right vectors.
     after = await asyncio.wait_for(embedder.embed(texts), timeout=10)
     assert float(np.abs(after - expected).max()) <= TOL
-    assert not embedder._task.done()
+    assert embedder.batcher.running
 
 
 async def test_restart_and_close(model_dir: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -193,6 +194,186 @@ def test_verifier_refuses_a_missing_directory(tmp_path):
 
     with pytest.raises(VerifierUnavailable, match="velo-proxy models export"):
         PairVerifier(tmp_path / "nothing")
+
+
+# ----- the request path: concurrent verifications are micro-batched -----------------------------------------
+
+TIGHT = 1e-5
+
+
+def _near_miss_rows() -> list[dict]:
+    return [json.loads(line) for line in (REPO / "tests" / "data" / "near_misses.jsonl").read_text().splitlines()]
+
+
+def _callers(n: int) -> list[tuple[str, list[str]]]:
+    """n (question, candidates) requests, 1 to 3 candidates each (the serving rule's top_k), of mixed lengths."""
+    rows = _near_miss_rows()
+    texts = [r["cached"] for r in rows] + [r["asked"] for r in rows]
+    return [(rows[i % len(rows)]["asked"], [texts[(7 * i + j) % len(texts)] for j in range(1 + i % 3)])
+            for i in range(n)]
+
+
+def _unbatched(verifier: PairVerifier, callers: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+    """Each pair scored alone: no padding, no company."""
+    return [np.array([verifier.score_pairs([q], [c])[0] for c in cands], dtype=np.float32) for q, cands in callers]
+
+
+def _gate(verifier: PairVerifier):
+    """Hold the worker thread inside its next onnxruntime call until ``gate`` is set; ``entered`` says it got there."""
+    import threading
+
+    gate, entered, inner = threading.Event(), threading.Event(), verifier.batcher.infer
+
+    def gated(items):
+        entered.set()
+        gate.wait(60)
+        return inner(items)
+
+    verifier.batcher.infer = gated
+    return gate, entered
+
+
+@pytest.fixture
+def serving_verifier(verifier_dir):
+    verifier = PairVerifier(verifier_dir, batch_max=24)
+    try:
+        yield verifier
+    finally:
+        verifier.close()
+
+
+async def test_concurrent_scores_are_batched_and_match_unbatched(serving_verifier):
+    verifier = serving_verifier
+    callers = _callers(40)
+    expected = _unbatched(verifier, callers)
+    sizes: list[int] = []
+    inner = verifier.batcher.infer
+    verifier.batcher.infer = lambda items: sizes.append(len(items)) or inner(items)
+    calls, pairs = verifier.calls, verifier.pairs_scored
+
+    got = await asyncio.gather(*(verifier.score(q, cands) for q, cands in callers))
+
+    total = sum(len(c) for _, c in callers)
+    assert verifier.pairs_scored - pairs == total and sum(sizes) == total
+    assert verifier.calls - calls == len(sizes) == verifier.batcher.batches_run
+    assert len(sizes) < len(callers) and max(sizes) <= 24  # 40 callers, 80 pairs: a handful of batches
+    for (q, cands), want, have in zip(callers, expected, got):  # each caller its own scores, in its order
+        assert have.dtype == np.float32 and have.shape == (len(cands),)
+        assert float(np.abs(have - want).max()) <= TIGHT  # padding within a batch does not move a score
+    # the blocking paths give the same numbers
+    q, cands = callers[5]
+    assert float(np.abs(verifier.score_sync(q, cands) - expected[5]).max()) <= TIGHT
+    assert (await verifier.score(q, [])).shape == (0,)
+
+
+async def test_a_request_larger_than_a_batch_runs_alone(verifier_dir):
+    verifier = PairVerifier(verifier_dir, batch_max=2)
+    try:
+        callers = _callers(6)
+        callers[2] = (callers[2][0], [c for _, cands in callers for c in cands][:5])
+        expected = _unbatched(verifier, callers)
+        got = await asyncio.gather(*(verifier.score(q, cands) for q, cands in callers))
+        for want, have in zip(expected, got):
+            assert float(np.abs(have - want).max()) <= TIGHT
+    finally:
+        verifier.close()
+
+
+async def test_callers_that_gave_up_are_skipped(serving_verifier):
+    verifier = serving_verifier
+    callers = _callers(6)
+    expected = _unbatched(verifier, callers)
+    gate, entered = _gate(verifier)
+    busy = asyncio.create_task(verifier.score(*callers[0]))
+    await asyncio.to_thread(entered.wait, 60)  # the worker is inside the first batch; the rest queue
+    tasks = [asyncio.create_task(verifier.score(q, cands)) for q, cands in callers[1:]]
+    await asyncio.sleep(0)  # let them enqueue
+    tasks[1].cancel()
+    timed_out = asyncio.create_task(asyncio.wait_for(verifier.score(*callers[3]), timeout=0.001))
+    with pytest.raises(asyncio.TimeoutError):
+        await timed_out  # the worker is held: it cannot have answered
+    skipped = verifier.batcher.cancelled_skipped
+    gate.set()
+    done = await asyncio.gather(busy, *tasks, return_exceptions=True)
+    assert isinstance(done[2], asyncio.CancelledError)
+    for i in (0, 1, 3, 4, 5):
+        assert float(np.abs(done[i] - expected[i]).max()) <= TIGHT
+    assert verifier.batcher.cancelled_skipped - skipped == 2  # the cancelled and the timed-out caller
+    assert verifier.batcher.running
+
+
+async def test_a_failing_batch_fails_its_callers_and_the_verifier_keeps_serving(serving_verifier):
+    from velo_proxy.verifier import VerifierError
+
+    verifier = serving_verifier
+    callers = _callers(4)
+    inner = verifier.batcher.infer
+    failures = [RuntimeError("onnxruntime broke")]
+
+    def flaky(items):
+        if failures:
+            raise failures.pop()
+        return inner(items)
+
+    verifier.batcher.infer = flaky
+    done = await asyncio.gather(*(verifier.score(q, cands) for q, cands in callers), return_exceptions=True)
+    assert all(isinstance(d, VerifierError) and "onnxruntime broke" in str(d) for d in done)  # one batch, all failed
+    got = await verifier.score(*callers[1])
+    assert float(np.abs(got - _unbatched(verifier, callers[1:2])[0]).max()) <= TIGHT
+
+
+async def test_close_fails_waiting_callers_and_later_scores(verifier_dir):
+    from velo_proxy.metrics import Metrics
+    from velo_proxy.pipeline.guard import Breaker, Guard
+    from velo_proxy.verifier import VerifierError
+
+    verifier = PairVerifier(verifier_dir)
+    callers = _callers(3)
+    gate, entered = _gate(verifier)
+    in_flight = asyncio.create_task(verifier.score(*callers[0]))
+    await asyncio.to_thread(entered.wait, 60)
+    queued = asyncio.create_task(verifier.score(*callers[1]))
+    await asyncio.sleep(0)
+    verifier.close()  # Services.aclose calls it on the event loop
+    try:
+        for task in (in_flight, queued):
+            with pytest.raises(VerifierError, match="closed"):
+                await task
+        with pytest.raises(VerifierError, match="closed"):
+            await verifier.score(*callers[2])
+        assert not verifier.batcher.running
+        # the request path's guard takes it for a failure: no scores, no semantic hit
+        metrics = Metrics()
+        guard = Guard(breaker=Breaker(), metrics=metrics)
+        assert await guard.call("verifier", lambda: verifier.score(*callers[2]), deadline_s=5) is None
+        assert metrics.registry.get_sample_value("velo_component_failures_total",
+                                                 {"component": "verifier", "reason": "VerifierError"}) == 1
+    finally:
+        gate.set()
+    verifier.close()  # idempotent
+    assert verifier.score_sync(*callers[2]).shape == (len(callers[2][1]),)  # offline scoring is untouched
+
+
+def test_the_batcher_follows_the_event_loop(verifier_dir):
+    """Used on one event loop, then on another (the old one closed): it moves; close() outside any loop works."""
+    verifier = PairVerifier(verifier_dir)
+    q, cands = _callers(3)[2]
+    first = asyncio.run(verifier.score(q, cands))
+    second = asyncio.run(verifier.score(q, cands))
+    assert float(np.abs(first - second).max()) <= TIGHT and verifier.batcher.batches_run == 2
+    verifier.close()
+    assert not verifier.batcher.running
+
+
+def test_settings_reach_the_verifier(verifier_dir):
+    from velo_proxy.settings import Settings
+
+    fields = Settings.model_fields
+    assert (fields["verifier_batch_max"].default, fields["verifier_batch_wait_ms"].default) == (24, 0.0)
+    assert Settings(verifier_batch_max=7, verifier_batch_wait_ms=3).verifier_batch_max == 7
+    verifier = PairVerifier(verifier_dir, batch_max=7, batch_wait_ms=3)
+    assert (verifier.batcher.max_items, verifier.batcher.wait_s) == (7, 0.003)
+    verifier.close()
 
 
 # ----- training end to end, tiny ---------------------------------------------------------------------------

@@ -3,26 +3,25 @@
 Every embedder returns float32 ``[n, dim]`` arrays with L2-normalised rows, so a dot product is the
 cosine similarity. Runtime dependencies: numpy, onnxruntime, tokenizers, httpx; never torch.
 
-``OnnxEmbedder`` serves concurrent ``embed`` calls through one background task that gathers them
-into micro-batches (up to ``max_batch`` texts, waiting at most ``batch_wait_ms`` for company) and
-runs them on one dedicated worker thread, so the event loop never blocks on inference and two
-requests never fight over the CPU. Callers bound their own wait with ``asyncio.wait_for``; a caller
-that gives up is simply skipped.
+``OnnxEmbedder`` serves concurrent ``embed`` calls through a ``velo_proxy.batching.MicroBatcher``:
+one background task gathers them into micro-batches (up to ``max_batch`` texts, waiting at most
+``batch_wait_ms`` for company) and runs them on one dedicated worker thread, so the event loop never
+blocks on inference and two requests never fight over the CPU. Callers bound their own wait with
+``asyncio.wait_for``; a caller that gives up is simply skipped.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from velo_proxy.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +123,6 @@ class Embedder(abc.ABC):
 # --- local ONNX --------------------------------------------------------------------------------
 
 
-@dataclass
-class _Job:
-    texts: list[str]
-    future: asyncio.Future[np.ndarray]
-
-
 class OnnxEmbedder(Embedder):
     """An ONNX sentence embedder run with onnxruntime and a Hugging Face ``tokenizer.json``.
 
@@ -150,12 +143,13 @@ class OnnxEmbedder(Embedder):
     ) -> None:
         self.model_dir = Path(model_dir).expanduser()
         self.threads = max(1, int(threads))
-        self.max_batch = max(1, int(max_batch))
-        self.batch_wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
-        # Counters (read by tests, benchmarks and metrics).
-        self.batches_run = 0
-        self.texts_embedded = 0
-        self.cancelled_skipped = 0
+        self.batcher: MicroBatcher[str] = MicroBatcher(
+            self._infer,
+            max_items=max_batch,
+            wait_s=max(0.0, float(batch_wait_ms)) / 1000.0,
+            name="embedder",
+            error=EmbedderError,
+        )
 
         model_path = self.model_dir / MODEL_FILE
         tok_path = self.model_dir / TOKENIZER_FILE
@@ -197,11 +191,6 @@ class OnnxEmbedder(Embedder):
         if not dim:
             dim = int(self._infer([""]).shape[1])
         self.dim = int(dim)
-
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- model plumbing --------------------------------------------------------------------------
 
@@ -347,108 +336,38 @@ class OnnxEmbedder(Embedder):
 
     # -- micro-batched async path -----------------------------------------------------------------
 
+    @property
+    def max_batch(self) -> int:
+        return self.batcher.max_items
+
+    @property
+    def batch_wait_s(self) -> float:
+        return self.batcher.wait_s
+
+    # Counters (read by tests, benchmarks and metrics).
+    @property
+    def batches_run(self) -> int:
+        return self.batcher.batches_run
+
+    @property
+    def texts_embedded(self) -> int:
+        return self.batcher.items_run
+
+    @property
+    def cancelled_skipped(self) -> int:
+        return self.batcher.cancelled_skipped
+
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._task is not None and not self._task.done() and self._loop is loop:
-            return
-        if self._task is not None:
-            await self.aclose()
-        self._loop = loop
-        self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="velo-embed")
-        self._task = loop.create_task(self._batcher(), name="velo-embed-batcher")
+        await self.batcher.start()
 
     async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and task.get_loop() is not asyncio.get_running_loop():
-            # Started on another (possibly closed) event loop: its task and queue die with it.
-            try:
-                task.get_loop().call_soon_threadsafe(task.cancel)
-            except RuntimeError:
-                pass
-            self._queue = None
-        elif task is not None:
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._queue is not None:
-            while not self._queue.empty():
-                job = self._queue.get_nowait()
-                if not job.future.done():
-                    job.future.set_exception(EmbedderError("embedder closed"))
-            self._queue = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        await self.batcher.aclose()
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self._task is None or self._task.done() or self._loop is not asyncio.get_running_loop():
-            await self.start()
-        assert self._queue is not None
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(texts, future))
-        return await future
-
-    async def _batcher(self) -> None:
-        assert self._queue is not None and self._executor is not None
-        queue, loop = self._queue, asyncio.get_running_loop()
-        while True:
-            jobs = [await queue.get()]
-            count = len(jobs[0].texts)
-            deadline = loop.time() + self.batch_wait_s
-            while count < self.max_batch:
-                if queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        job = await asyncio.wait_for(queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    job = queue.get_nowait()
-                if count + len(job.texts) > self.max_batch and count > 0:
-                    # Does not fit: run it first thing in the next batch.
-                    await self._run(jobs, loop)
-                    jobs, count = [job], len(job.texts)
-                    deadline = loop.time() + self.batch_wait_s
-                    continue
-                jobs.append(job)
-                count += len(job.texts)
-            await self._run(jobs, loop)
-
-    async def _run(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
-        live = [j for j in jobs if not j.future.done()]  # callers that gave up are skipped
-        self.cancelled_skipped += len(jobs) - len(live)
-        if not live:
-            return
-        texts = [t for j in live for t in j.texts]
-        try:
-            vectors = await loop.run_in_executor(self._executor, self._infer, texts)
-        except asyncio.CancelledError:
-            for j in live:
-                if not j.future.done():
-                    j.future.set_exception(EmbedderError("embedder closed"))
-            raise
-        except Exception as exc:  # fail the callers, keep serving
-            log.warning("embedding batch of %d texts failed: %s", len(texts), exc)
-            for j in live:
-                if not j.future.done():
-                    j.future.set_exception(EmbedderError(f"embedding failed: {exc}"))
-            return
-        self.batches_run += 1
-        self.texts_embedded += len(texts)
-        offset = 0
-        for j in live:
-            n = len(j.texts)
-            if not j.future.done():
-                j.future.set_result(vectors[offset : offset + n])
-            offset += n
+        return await self.batcher.submit(texts)
 
 
 # --- remote /v1/embeddings ---------------------------------------------------------------------

@@ -162,7 +162,9 @@ class Services:
         from velo_proxy.verifier import PairVerifier
 
         try:
-            verifier = PairVerifier(self.settings.verifier_dir, threads=self.settings.verifier_threads)
+            verifier = PairVerifier(self.settings.verifier_dir, threads=self.settings.verifier_threads,
+                                    batch_max=self.settings.verifier_batch_max,
+                                    batch_wait_ms=self.settings.verifier_batch_wait_ms)
         except Exception as exc:  # noqa: BLE001 - fail safe: no semantic hits
             self.load_errors["verifier"] = f"{type(exc).__name__}: {exc}"
             log.error("pair verifier unavailable, no semantic hits will be served: %s", exc)

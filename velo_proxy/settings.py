@@ -114,6 +114,16 @@ class Settings(BaseSettings):
     verifier_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for the pair verifier.")
     verifier_timeout_ms: float = Field(
         300.0, gt=0, description="Deadline of one verifier call; past it, no semantic hit (the request goes upstream).")
+    # 24 pairs = 8 requests of top-3 candidates (the shipped calibration's top_k). Every caller waits for
+    # its whole batch, and a batch costs about its pairs times its longest pair (up to 128 tokens, no
+    # length grouping), so the cap bounds what one batch adds to its callers' wait under the 300 ms
+    # deadline while still sharing a run's fixed cost among several requests. To be tuned by measurement.
+    verifier_batch_max: int = Field(
+        24, ge=1, description="Largest micro-batch of concurrent verifications, in (question, candidate) pairs "
+        "per onnxruntime call.")
+    verifier_batch_wait_ms: float = Field(
+        0.0, ge=0, description="How long a verifier micro-batch waits for company, ms (under load batches form "
+        "anyway: callers queue while a batch runs).")
     verify_learned: bool = Field(
         True, description="The learned policy's A decisions must also pass the verifier's threshold for the "
         "bound (a hit it rejects is forwarded); the verifier's scores are the policy's features either way.")

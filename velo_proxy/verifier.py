@@ -6,7 +6,9 @@ cross-encoder (MiniLM's layers, fine-tuned by ``policy/verifier_train.py``) that
 ``[CLS] new question [SEP] cached question [SEP]`` and returns a score in [0, 1].
 
 ``PairVerifier`` runs the exported ONNX model with onnxruntime and the model's ``tokenizer.json``
-(no torch) on one dedicated worker thread, so the event loop never blocks on it. The serving rule is
+(no torch) on one dedicated worker thread, so the event loop never blocks on it; on the request path
+(``score``) the pairs of concurrent requests are micro-batched into one onnxruntime call, like the
+embedder's texts (``velo_proxy.batching.MicroBatcher``). The serving rule is
 here too (``VerifyRule``), the one place the proxy, the calibration and the benchmarks take it from:
 verify at most ``top_k`` hits whose cosine similarity reaches ``cosine_floor``, in one batched call,
 and serve the best-scored one when its score reaches the threshold calibrated for the operator's
@@ -18,15 +20,15 @@ The model directory (written by ``velo-proxy models export``) holds ``model.onnx
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from velo_proxy.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,11 @@ EXPORT_HINT = "run `velo-proxy models export` to create it (or set VELO_VERIFIER
 MAX_CHARS = 2000
 
 
-class VerifierUnavailable(RuntimeError):
+class VerifierError(RuntimeError):
+    """A verification call failed, or the verifier is closed (the proxy fails safe: no semantic hit)."""
+
+
+class VerifierUnavailable(VerifierError):
     """The verifier cannot be loaded (missing or foreign files)."""
 
 
@@ -102,9 +108,14 @@ def _cut(text: str) -> str:
 
 
 class PairVerifier:
-    """The exported cross-encoder on onnxruntime. ``score_sync(query, candidates)`` -> float32 [n]."""
+    """The exported cross-encoder on onnxruntime. ``score_sync(query, candidates)`` -> float32 [n].
 
-    def __init__(self, model_dir: Path, *, threads: int = 1) -> None:
+    ``score`` (the request path) puts the pairs of concurrent callers together into batches of up to
+    ``batch_max`` pairs, one onnxruntime call each, waiting at most ``batch_wait_ms`` for company;
+    ``score_sync``, ``score_pairs`` and ``score_many`` (offline, blocking) run at once on the caller's
+    thread and never start the batcher."""
+
+    def __init__(self, model_dir: Path, *, threads: int = 1, batch_max: int = 24, batch_wait_ms: float = 0.0) -> None:
         self.model_dir = Path(model_dir).expanduser()
         missing = [n for n in (MODEL_FILE, TOKENIZER_FILE, METADATA_FILE) if not (self.model_dir / n).is_file()]
         if missing:
@@ -135,9 +146,12 @@ class PairVerifier:
         self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self._tokenizer.enable_truncation(max_length=self.max_length, strategy="longest_first")
         self._inputs = [i.name for i in self._session.get_inputs()]
-        self._executor: ThreadPoolExecutor | None = None
-        self.calls = 0
+        self.calls = 0  # onnxruntime calls
         self.pairs_scored = 0
+        self.batcher: MicroBatcher[tuple[str, str]] = MicroBatcher(
+            self._score_batch, max_items=batch_max, wait_s=max(0.0, float(batch_wait_ms)) / 1000.0,
+            name="verifier", error=VerifierError)
+        self._closed = False
 
     def rule(self, max_false_hit_rate: float, recalibration: dict[str, Any] | None = None) -> VerifyRule:
         """The serving rule calibrated for the operator's bound: the model's own calibration, or a
@@ -180,13 +194,23 @@ class PairVerifier:
             out[idx] = self.score_pairs([queries[i] for i in idx], [candidates[i] for i in idx])
         return out
 
+    def _score_batch(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        return self.score_pairs([q for q, _ in pairs], [c for _, c in pairs])
+
     async def score(self, query: str, candidates: Sequence[str]) -> np.ndarray:
-        """Scores of (query, candidate) for each candidate, in one onnxruntime call on the worker thread."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="velo-verify")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.score_sync, query, list(candidates))
+        """Scores of (query, candidate) for each candidate, float32 [n], on the worker thread: one
+        onnxruntime call for these pairs and those of the concurrent callers batched with them (the
+        model reads each pair through its attention mask, so its score does not depend on its company).
+        Raises ``VerifierError`` when the batch fails or the verifier is closed."""
+        if self._closed:
+            raise VerifierError("verifier closed")
+        pairs = [(query, c) for c in candidates]
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        return await self.batcher.submit(pairs)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        """Stop the batcher (callers still waiting get ``VerifierError``) and release its thread; ``score``
+        raises from now on. The blocking methods keep working (offline users never start the batcher)."""
+        self._closed = True
+        self.batcher.close()
