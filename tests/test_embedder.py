@@ -109,6 +109,23 @@ async def test_parity_with_sentence_transformers(embedder: OnnxEmbedder, referen
     assert sims[0, 1] > 0.6 > sims[0, 2]
 
 
+def test_a_query_prefix_in_the_metadata_is_put_before_every_text(model_dir: Path, onnx_embedder: OnnxEmbedder,
+                                                                   tmp_path: Path) -> None:
+    """e5-style models need a role prefix ("query: "): an export that names one in velo_embedder.json gets it
+    added to every text embedded, online and offline; MiniLM's export names none."""
+    import shutil
+
+    prefixed = tmp_path / "prefixed"
+    shutil.copytree(model_dir, prefixed)
+    meta = json.loads((prefixed / "velo_embedder.json").read_text())
+    (prefixed / "velo_embedder.json").write_text(json.dumps({**meta, "query_prefix": "query: "}))
+    embedder = OnnxEmbedder(prefixed, threads=1)
+    assert onnx_embedder.query_prefix == "" and embedder.query_prefix == "query: "
+    manual = onnx_embedder.embed_sync([f"query: {s}" for s in SENTENCES])
+    np.testing.assert_allclose(embedder.embed_sync(SENTENCES), manual, atol=1e-6)
+    assert float(np.abs(onnx_embedder.embed_sync(SENTENCES) - manual).max()) > 1e-3  # the prefix matters
+
+
 def test_metadata_and_identity(model_dir: Path, onnx_embedder: OnnxEmbedder) -> None:
     meta = json.loads((model_dir / "velo_embedder.json").read_text())
     src_sha = model_export.sha256_file(model_export.source_model_dir() / "model.safetensors")

@@ -159,6 +159,8 @@ class OnnxEmbedder(Embedder):
             raise EmbedderUnavailable(f"embedder model directory {self.model_dir} {where}; {EXPORT_HINT}.")
 
         meta = self._read_metadata()
+        # e5-style models are trained with a role prefix ("query: "); the export's metadata names it
+        self.query_prefix = str(meta.get("query_prefix") or "")
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
@@ -270,7 +272,7 @@ class OnnxEmbedder(Embedder):
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` as the model sees them (batch-padded, truncated)."""
-        encs = self._tokenizer.encode_batch([self.bounded(t) for t in texts])
+        encs = self._tokenizer.encode_batch([self.query_prefix + self.bounded(t) for t in texts])
         ids = np.array([e.ids for e in encs], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
         return ids, mask
