@@ -372,3 +372,50 @@ def test_live_guard_tracks_a_bounded_number_of_scopes():
                             served_score=0.9))
     scopes = guard.stats()["policies"]["p"]["scopes"]
     assert sorted(scopes) == ["s7", "s8", "s9"] and guard.stats()["policies"]["p"]["judgements"] == 10
+
+
+def test_repeats_of_a_semantic_hit_are_held_to_the_guards_floor_too(make_proxy, embedder_dir, meanings, tmp_path):
+    """A served semantic hit leaves an exact-tier copy for its verbatim repeats. When the floor rises past the
+    score it was served on (here because another near miss was judged wrong), its repeats are not served
+    from that copy any more: they go through the decision again, and the guard forwards them."""
+    import random
+
+    from velo_proxy.state import app_state
+
+    germany = "What is the capital of Germany?"
+    meanings[germany] = "Berlin is the capital of Germany."
+    proxy = loose_proxy(make_proxy, tmp_path / "data", shadow_rate=0.5, near_miss_review_rate=0.0)
+    loop = app_state(proxy.app).engine.after.learning
+
+    class Scripted(random.Random):
+        draws = [0.99, 0.0]  # the first served hit is not checked, the second is
+
+        def random(self) -> float:
+            return self.draws.pop(0)
+
+    loop._rng = Scripted()
+    ask(proxy, PARIS)
+    settle(proxy)
+    text, headers = ask(proxy, germany)
+    assert headers["x-velo-action"] == "A" and text.endswith(MEANINGS[PARIS])  # wrong, and nobody checked it
+    served_on = float(headers["x-velo-similarity"])
+    settle(proxy)
+    ask(proxy, IBU_WITH)
+    settle(proxy)
+    assert ask(proxy, IBU_WITHOUT)[1]["x-velo-action"] == "A"  # checked: wrong, the floor rises past 0.94
+    floor = guard_of(settle(proxy))["floor"]
+    assert floor > served_on
+    text, headers = ask(proxy, germany)
+    assert headers["x-velo-action"] == "B" and text.endswith(meanings[germany])
+    assert metric(proxy, "velo_guard_blocked_total") == 1
+
+
+def test_an_exact_copy_of_a_semantic_hit_says_what_it_was_served_on(make_proxy, embedder_dir, meanings, tmp_path):
+    proxy = loose_proxy(make_proxy, tmp_path / "data", shadow_rate=0.0, near_miss_review_rate=0.0)
+    ask(proxy, PARIS)
+    settle(proxy)
+    _, first = ask(proxy, PARIS_AGAIN)
+    settle(proxy)
+    _, again = ask(proxy, PARIS_AGAIN)
+    assert (first["x-velo-action"], again["x-velo-action"]) == ("A", "exact")
+    assert again["x-velo-similarity"] == first["x-velo-similarity"] != "1.0000"  # not a verbatim match of its entry

@@ -36,7 +36,7 @@ class ChatEngine:
         self.metrics = services.metrics
         components = CacheComponents(services=services, guard=services.guard,
                                      deadlines=Deadlines.from_settings(settings), metrics=services.metrics)
-        self.lookup = Lookup(components=components)
+        self.lookup = Lookup(components=components, live_guard=services.live_guard)
         self.decide = Decide(guard=services.guard, metrics=services.metrics, live_guard=services.live_guard,
                              near_miss_floor=settings.near_miss_floor)
         self.after = AfterResponse(components=components, services=services, settings=settings,

@@ -87,17 +87,27 @@ def serving_floor(judged: Iterable[tuple[float, bool]], max_false_hit_rate: floa
 
 
 class _Window:
+    """The newest judgements of one policy (or scope), and apart from them the newest judged served
+    hits: near-miss reviews, often the most numerous, must not push the served hits out of the live
+    estimate."""
+
     def __init__(self, size: int) -> None:
         self.items: deque[_Judged] = deque(maxlen=size)
+        self.served_items: deque[_Judged] = deque(maxlen=size)
         self.floor = NO_FLOOR
 
+    def append(self, judged: _Judged) -> None:
+        self.items.append(judged)
+        if judged.served:
+            self.served_items.append(judged)
+
     def prune(self, oldest: float) -> None:
-        while self.items and self.items[0].ts < oldest:
-            self.items.popleft()
+        for items in (self.items, self.served_items):
+            while items and items[0].ts < oldest:
+                items.popleft()
 
     def served(self) -> Estimate:
-        served = [j for j in self.items if j.served]
-        return Estimate(len(served), sum(1 for j in served if not j.correct))
+        return Estimate(len(self.served_items), sum(1 for j in self.served_items if not j.correct))
 
     def at_floor(self) -> Estimate:
         kept = [j for j in self.items if j.score >= self.floor]
@@ -126,7 +136,7 @@ class LiveGuard:
         with self._lock:
             for key in ((label.policy, None), (label.policy, label.scope)):
                 w = self._window(key)
-                w.items.append(judged)
+                w.append(judged)
                 self._update(key, w)
         self._export(label.policy)
 
@@ -137,7 +147,7 @@ class LiveGuard:
             for label in labels:
                 judged = _Judged(label.ts, float(label.served_score), bool(label.correct), label.kind == "shadow")
                 for key in ((label.policy, None), (label.policy, label.scope)):
-                    self._window(key).items.append(judged)
+                    self._window(key).append(judged)
                 count += 1
             for key, w in self._windows.items():
                 self._update(key, w, quiet=True)

@@ -154,7 +154,9 @@ class Services:
         except Exception as exc:  # noqa: BLE001
             self.load_errors["store"] = f"{type(exc).__name__}: {exc}"
             log.error("cache store unavailable, semantic cache off: %s", exc)
-        if self.settings.policy != "threshold":
+        s = self.settings
+        judging = s.judge == "verifier" and (s.shadow_rate > 0 or s.near_miss_review_rate > 0)
+        if s.policy != "threshold" or judging:  # the threshold policy does not verify, the verifier judge does
             self._load_verifier()
 
     def _load_verifier(self) -> None:

@@ -16,7 +16,7 @@ from velo_proxy.cache_value import INITIAL_VALUE
 from velo_proxy.errors import ProxyError
 from velo_proxy.metrics import Metrics
 from velo_proxy.pipeline.components import CacheComponents
-from velo_proxy.pipeline.context import RequestContext
+from velo_proxy.pipeline.context import RequestContext, guard_score
 from velo_proxy.pipeline.learning import LearningLoop
 from velo_proxy.services import Answered, Services
 from velo_proxy.settings import Settings
@@ -69,8 +69,12 @@ class AfterResponse:
             self.services.spawn(self.components.record_use(choice.entry))
         if choice.action == "A" and choice.hit is not None:
             assert ctx.key is not None
+            policy = ctx.trace.policy
+            via = {"policy": policy.version, "similarity": choice.hit.similarity,
+                   "verifier_score": choice.verifier_score,
+                   "score": guard_score(policy, choice.hit, choice.verifier_score)}
             self.services.spawn(self.components.exact_set(ctx.key, choice.entry, choice.hit.entry.answer,
-                                                          ttl_s=self.settings.cache_ttl_s))
+                                                          ttl_s=self.settings.cache_ttl_s, via=via))
             self.learning.after_hit(ctx)
 
     # ----- once the answer is complete ------------------------------------------------------------

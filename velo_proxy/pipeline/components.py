@@ -105,9 +105,13 @@ class CacheComponents:
         return await self.guard.call("exact", lambda: self.services.exact.get(key.scope, key.exact),
                                      deadline_s=self.deadlines.exact)
 
-    async def exact_set(self, key: CacheKey, entry_id: str | None, answer: dict[str, Any], *, ttl_s: float) -> None:
-        await self.guard.call("exact", lambda: self.services.exact.set(
-            key.scope, key.exact, {"entry": entry_id, "answer": answer}, ttl_s=ttl_s), deadline_s=self.deadlines.exact)
+    async def exact_set(self, key: CacheKey, entry_id: str | None, answer: dict[str, Any], *, ttl_s: float,
+                        via: dict[str, Any] | None = None) -> None:
+        """``via``: for the copy of a semantic hit, what it was served on (policy, score, similarity,
+        verifier score), so that the live guard's floor still applies to its repeats."""
+        value = {"entry": entry_id, "answer": answer, **({"via": via} if via else {})}
+        await self.guard.call("exact", lambda: self.services.exact.set(key.scope, key.exact, value, ttl_s=ttl_s),
+                              deadline_s=self.deadlines.exact)
 
     # ----- experience stream ------------------------------------------------------------------------
     async def log_decision(self, **fields: Any) -> None:

@@ -59,7 +59,9 @@ class Decide:
     def _choose(self, ctx: RequestContext, found: Found) -> Choice:
         if found.exact is not None:
             entry = found.exact.get("entry")
-            return Choice("exact", answer=found.exact["answer"], entry=entry, similarity=1.0)
+            via = found.exact.get("via") or {}  # the copy of a semantic hit says what it was served on
+            return Choice("exact", answer=found.exact["answer"], entry=entry, similarity=via.get("similarity", 1.0),
+                          verifier_score=via.get("verifier_score"))
         if found.hits is None or ctx.vector is None:
             return Choice("B")
         policy, hits = ctx.trace.policy, found.hits

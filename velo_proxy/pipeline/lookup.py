@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from velo_proxy.live_guard import LiveGuard
 from velo_proxy.pipeline.components import CacheComponents
 from velo_proxy.pipeline.context import RequestContext
 from velo_proxy.store.base import Hit
@@ -24,15 +25,16 @@ class Found:
 
 
 class Lookup:
-    def __init__(self, *, components: CacheComponents) -> None:
+    def __init__(self, *, components: CacheComponents, live_guard: LiveGuard | None = None) -> None:
         self.components = components
+        self.live_guard = live_guard
 
     async def find(self, ctx: RequestContext) -> Found:
         key = ctx.lookup_key
         if key is None:
             return Found()
         cached = await self.components.exact_get(key)
-        if cached is not None and await self._still_stored(cached):
+        if cached is not None and self._clears_floor(cached, key.scope) and await self._still_stored(cached):
             return Found(exact=cached)
         if not self.components.semantic_ready:
             return Found()
@@ -44,6 +46,15 @@ class Lookup:
         if hits is None:
             return Found()
         return Found(hits=hits, scores=await self._verify(ctx, hits) if hits else None)
+
+    def _clears_floor(self, cached: dict[str, Any], scope: str) -> bool:
+        """The copy of a semantic hit is served again only while its score clears the live guard's
+        floor for the policy that served it (a verbatim repeat of a near miss is still that near miss)."""
+        via = cached.get("via")
+        if not via or self.live_guard is None:
+            return True
+        score = via.get("score")
+        return score is not None and score >= self.live_guard.floor(str(via.get("policy")), scope)
 
     async def _still_stored(self, cached: dict[str, Any]) -> bool:
         """An exact-tier answer whose store entry was deleted (admin, eviction, failed shadow check)
