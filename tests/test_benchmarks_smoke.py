@@ -1,5 +1,5 @@
-"""Smoke test of the benchmarks (benchmarks/quality.py, benchmarks/latency.py): each runs at a tiny size
-and its output keeps the structure docs/benchmarks.md is generated from, so the scripts do not rot.
+"""Smoke test of the benchmarks (benchmarks/quality.py, benchmarks/latency.py, benchmarks/learning_loop.py): each
+runs at a tiny size and its output keeps the structure docs/benchmarks.md is generated from, so the scripts do not rot.
 
 Runs on the dataset slices in tests/data (conftest points VELO_DATASETS_DIR there) and needs the exported
 embedder; the latency part also needs
@@ -146,3 +146,42 @@ def test_quality_workloads_leave_out_what_the_policy_was_trained_on():
         assert set(everything[name].texts) & trained  # without the filter they would overlap
     # only the rows with a trained text go: the workload keeps the rest
     assert len(held_out["qqp"].texts) >= len(everything["qqp"].texts) - 2 * len(trained) > 0
+
+
+def test_learning_loop_smoke(tmp_path: Path) -> None:
+    _need_data_and_embedder()
+    import learning_loop
+
+    out = tmp_path / "ll.json"
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nhand-written intro\n")
+    # every hit and near miss judged: the tiny stream's false hits are then sure to reach the guard
+    argv = ["--tiny", "--shadow-rate", "1", "--near-miss-review-rate", "1", "--json", str(out), "--doc", str(doc),
+            "--img-dir", str(tmp_path / "img")]
+    assert learning_loop.main(argv) == 0
+    r = json.loads(out.read_text())
+    a, wins = r["analysis"], r["windows"]
+    assert r["workload"]["requests"] == 300 and len(wins) == 6
+    assert sum(w["requests"] for w in wins) == 300 and wins[-1]["end"] == 300
+    for w in wins:
+        assert w["correct"] + w["false"] == w["hits"] and w["errors"] == 0
+    assert a["overall"]["hits"] > 0 and a["overall"]["false"] > 0
+    # the oracle judge agrees with the clusters; every judgement the proxy counted is in its label store
+    assert a["judge_vs_truth"]["agree"] == a["judge_vs_truth"]["judgements"] == wins[-1]["judge_calls"] > 0
+    assert a["judgements"]["shadow"] == a["overall"]["hits"]  # shadow rate 1
+    # the guard saw a wrong hit and raised its floor; the run places both on the request axis
+    assert a["first_wrong_judgement"] is not None and a["first_floor_rise"] is not None
+    assert a["first_floor_rise"]["at"] >= a["first_wrong_judgement"]["known_at"] >= a["first_false_hit_request"]
+    assert wins[-1]["floor"] is not None and wins[-1]["guard_tighten"] >= 1
+    # the served answer's cluster and the served entry's cluster agree (no alias holds another cluster's answer)
+    assert a["entry_checks"]["entry_unknown"] == 0 and a["entry_checks"]["answer_cluster_differs_from_entry"] == 0
+    text = doc.read_text()
+    assert "hand-written intro" in text and "<!-- learning-loop:begin -->" in text and "<!-- learning-loop:end -->" in text
+    assert "| requests | positives |" in text and "**Reading.**" in text
+    assert (tmp_path / "img" / "bench-learning-loop.png").stat().st_size > 1000
+    # the doc can be rewritten from the JSON alone, naming the command that measured
+    again = tmp_path / "again.md"
+    assert learning_loop.main(["--from-json", str(out), "--doc", str(again), "--img-dir", str(tmp_path / "img2")]) == 0
+    assert f"```bash\n{r['command']}\n```" in again.read_text() and r["command"].endswith(str(tmp_path / "img"))
+    learning_loop.write_section(doc, "learning-loop", "again")
+    assert doc.read_text().count("<!-- learning-loop:begin -->") == 1 and "again" in doc.read_text()
