@@ -2,6 +2,7 @@
 
     velo-proxy serve [--upstream-base-url URL] [--port 8080] [... one flag per VELO_* setting]
     velo-proxy models export [--out DIR] [--force]
+    velo-proxy models export --embedder multilingual-e5-small [--out DIR] [--precision q4|int8|fp32]
     velo-proxy retrain [--redis-url URL] [--policy-dir DIR] [...]   (training extra)
 """
 
@@ -16,7 +17,9 @@ from typing import Any, Sequence
 
 from pydantic import ValidationError
 
-from velo_proxy.settings import Settings
+from velo_proxy.settings import DEFAULT_EMBEDDER_NAME, Settings
+
+E5_EMBEDDER = "multilingual-e5-small"
 
 
 def _flag(name: str) -> str:
@@ -67,10 +70,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_models_export(args: argparse.Namespace) -> int:
     from velo_proxy.model_export import ExportError, export_embedder
-    from velo_proxy.verifier_export import export_verifier
 
     _configure_logging("info")
     settings = Settings()
+    if args.embedder == E5_EMBEDDER:
+        return _export_e5(args)
+    if args.precision is not None:
+        print(f"velo-proxy: --precision applies to --embedder {E5_EMBEDDER} only", file=sys.stderr)
+        return 2
+    from velo_proxy.verifier_export import export_verifier
+
     out = Path(args.out) if args.out else settings.embedder_dir
     path = export_embedder(out, force=args.force)
     print(f"embedder ready at {path}")
@@ -83,6 +92,24 @@ def cmd_models_export(args: argparse.Namespace) -> int:
         print(f"velo-proxy: pair verifier not exported: {exc}", file=sys.stderr)
         return 1
     print(f"pair verifier ready at {path}")
+    return 0
+
+
+def _export_e5(args: argparse.Namespace) -> int:
+    from velo_proxy.e5_export import DEFAULT_PRECISION, export_e5
+    from velo_proxy.model_export import ExportError
+    from velo_proxy.settings import default_home
+
+    out = Path(args.out) if args.out else default_home() / "models" / E5_EMBEDDER
+    try:
+        path = export_e5(out, precision=args.precision or DEFAULT_PRECISION, force=args.force)
+    except ExportError as exc:
+        print(f"velo-proxy: {E5_EMBEDDER} not exported: {exc}", file=sys.stderr)
+        return 1
+    print(f"embedder ready at {path} (serve with VELO_EMBEDDER_DIR={path})")
+    # The pair verifier is MiniLM-based and calibrated with the MiniLM embedder: the proxy does not
+    # load it next to another embedder, so there is nothing to export for this one (issue #16).
+    print("pair verifier not exported: it is calibrated with all-MiniLM-L6-v2 only", file=sys.stderr)
     return 0
 
 
@@ -105,8 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="Manage the bundled models.")
     model_commands = models.add_subparsers(dest="models_command", required=True)
-    export = model_commands.add_parser("export", help="Export the embedder (all-MiniLM-L6-v2) and the pair verifier to ONNX (needs the 'export' extra).")
-    export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR].")
+    export = model_commands.add_parser(
+        "export", help="Export the embedder (all-MiniLM-L6-v2) and the pair verifier to ONNX (needs the 'export' extra), "
+        f"or, with --embedder {E5_EMBEDDER}, the multilingual embedder (needs the 'multilingual' extra).")
+    export.add_argument("--embedder", choices=(DEFAULT_EMBEDDER_NAME, E5_EMBEDDER), default=DEFAULT_EMBEDDER_NAME,
+                        help=f"Which embedder [default: {DEFAULT_EMBEDDER_NAME}].")
+    export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR; for "
+                        f"{E5_EMBEDDER}: <data home>/models/{E5_EMBEDDER}].")
+    export.add_argument("--precision", choices=("q4", "int8", "fp32"), default=None,
+                        help=f"{E5_EMBEDDER} weights: q4 (the package's 4-bit weights as they are), int8 or fp32 "
+                        "[default: q4].")
     export.add_argument("--force", action="store_true", help="Export again even if a complete model is there.")
     export.add_argument("--verifier-out", default=None, help="Pair verifier directory [default: VELO_VERIFIER_DIR].")
     export.add_argument("--verifier-precision", choices=("int8", "fp32"), default=None,
