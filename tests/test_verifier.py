@@ -369,7 +369,7 @@ def test_settings_reach_the_verifier(verifier_dir):
     from velo_proxy.settings import Settings
 
     fields = Settings.model_fields
-    assert (fields["verifier_batch_max"].default, fields["verifier_batch_wait_ms"].default) == (24, 0.0)
+    assert (fields["verifier_batch_max"].default, fields["verifier_batch_wait_ms"].default) == (3, 0.0)
     assert Settings(verifier_batch_max=7, verifier_batch_wait_ms=3).verifier_batch_max == 7
     verifier = PairVerifier(verifier_dir, batch_max=7, batch_wait_ms=3)
     assert (verifier.batcher.max_items, verifier.batcher.wait_s) == (7, 0.003)

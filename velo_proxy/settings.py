@@ -114,13 +114,13 @@ class Settings(BaseSettings):
     verifier_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for the pair verifier.")
     verifier_timeout_ms: float = Field(
         300.0, gt=0, description="Deadline of one verifier call; past it, no semantic hit (the request goes upstream).")
-    # 24 pairs = 8 requests of top-3 candidates (the shipped calibration's top_k). Every caller waits for
-    # its whole batch, and a batch costs about its pairs times its longest pair (up to 128 tokens, no
-    # length grouping), so the cap bounds what one batch adds to its callers' wait under the 300 ms
-    # deadline while still sharing a run's fixed cost among several requests. To be tuned by measurement.
+    # Measured (python benchmarks/verifier_batching.py: 3-pair verifications, one machine, alternating):
+    # batches of 24 pairs cost more per request than one request's 3 (70 vs 46 ms per request at 32
+    # concurrent callers, p50 1.34 s vs 0.74 s): padding to the longest pair outweighs the per-call cost
+    # saved. So the default batches no more than one top-3 request; raise it only after measuring.
     verifier_batch_max: int = Field(
-        24, ge=1, description="Largest micro-batch of concurrent verifications, in (question, candidate) pairs "
-        "per onnxruntime call.")
+        3, ge=1, description="Largest micro-batch of concurrent verifications, in (question, candidate) pairs "
+        "per onnxruntime call (3: one request's top-3; larger batches measured slower, docs/proxy.md).")
     verifier_batch_wait_ms: float = Field(
         0.0, ge=0, description="How long a verifier micro-batch waits for company, ms (under load batches form "
         "anyway: callers queue while a batch runs).")

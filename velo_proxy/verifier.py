@@ -115,7 +115,7 @@ class PairVerifier:
     ``score_sync``, ``score_pairs`` and ``score_many`` (offline, blocking) run at once on the caller's
     thread and never start the batcher."""
 
-    def __init__(self, model_dir: Path, *, threads: int = 1, batch_max: int = 24, batch_wait_ms: float = 0.0) -> None:
+    def __init__(self, model_dir: Path, *, threads: int = 1, batch_max: int = 3, batch_wait_ms: float = 0.0) -> None:
         self.model_dir = Path(model_dir).expanduser()
         missing = [n for n in (MODEL_FILE, TOKENIZER_FILE, METADATA_FILE) if not (self.model_dir / n).is_file()]
         if missing:
