@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from tests.test_cache import ADMIN, settle
-from velo_proxy.judging import JudgeBudget, Label, judge_prompt, wilson_upper
+from velo_proxy.calibration import wilson_upper
+from velo_proxy.judging import JudgeBudget, Label, judge_prompt
 from velo_proxy.live_guard import NO_FLOOR, LiveGuard, serving_floor
 
 S2I = "How do I convert a string to an integer in Python?"
@@ -213,7 +214,7 @@ def test_live_guard_keys_scopes_and_ages_judgements_out():
     assert guard.floor("p", "a") == math.nextafter(0.9, math.inf)
     assert guard.floor("p", "b") == math.nextafter(0.95, math.inf)
     assert guard.estimate("p").judged == 7 and guard.estimate("p", "b").wrong == 3
-    now[0] += 161  # every judgement is now older than max_age_s; the refresh runs at most once a minute
+    now[0] += 161  # every judgement is now older than max_age_s: they age out when the floor is read
     assert guard.floor("p", "a") == NO_FLOOR
     off = LiveGuard(max_false_hit_rate=0.05, window=50, max_age_s=100, min_scope_judgements=3, enabled=False)
     off.observe(label("a", 0.9, False))

@@ -37,8 +37,10 @@ class ChatEngine:
         components = CacheComponents(services=services, guard=services.guard,
                                      deadlines=Deadlines.from_settings(settings), metrics=services.metrics)
         self.lookup = Lookup(components=components, live_guard=services.live_guard)
+        # near misses are marked only when some will be reviewed (no work on the path otherwise)
+        near_miss_floor = settings.near_miss_floor if settings.near_miss_review_rate > 0 else float("inf")
         self.decide = Decide(guard=services.guard, metrics=services.metrics, live_guard=services.live_guard,
-                             near_miss_floor=settings.near_miss_floor)
+                             near_miss_floor=near_miss_floor)
         self.after = AfterResponse(components=components, services=services, settings=settings,
                                    metrics=services.metrics)
         self.maintenance = Maintenance(components=components, services=services, settings=settings)

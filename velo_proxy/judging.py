@@ -25,12 +25,17 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
-from velo_proxy.calibration import Z_95, wilson_upper  # noqa: F401  (re-exported: the loop's bound)
+
+
+def satisfaction(cosine: float) -> float:
+    """q = -L2 distance of two unit answer embeddings with this cosine, the paper's satisfaction (Eq. 2)."""
+    return -math.sqrt(max(0.0, 2.0 - 2.0 * cosine))
+
 
 def answer_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(cosine, q) of two answer embeddings; q = -L2 distance, the paper's satisfaction (Eq. 2)."""
+    """(cosine, q) of two answer embeddings."""
     cosine = float(np.dot(a, b))
-    return cosine, -math.sqrt(max(0.0, 2.0 - 2.0 * cosine))
+    return cosine, satisfaction(cosine)
 
 
 class JudgeBudget:
@@ -93,11 +98,11 @@ class Verdict:
     reason: str = ""  # why there is no verdict
 
 
-def _text(completion: dict[str, Any]) -> str:
+def completion_text(completion: dict[str, Any]) -> str:
     return str(((completion.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
 
 
-def _tokens(completion: dict[str, Any]) -> int:
+def completion_tokens(completion: dict[str, Any]) -> int:
     usage = completion.get("usage") or {}
     return int(usage.get("total_tokens") or 0)
 
@@ -168,13 +173,11 @@ class LLMJudge:
             completion = await self._complete(payload)
         except ProxyError as err:
             return Verdict(None, tokens, reason=f"judge upstream {err.status}")
-        tokens += _tokens(completion)
-        words = _text(completion).strip().lower().split()
+        tokens += completion_tokens(completion)
+        words = completion_text(completion).strip().lower().split()
         first = words[0].strip(".,!:;\"'") if words else ""
         if first not in ("yes", "no"):
             return Verdict(None, tokens, reason="unclear")
         return Verdict(first == "yes", tokens)
 
 
-__all__ = ["JudgeBudget", "LLMJudge", "Label", "Verdict", "VerifierJudge", "Z_95", "answer_agreement",
-           "judge_prompt", "wilson_upper", "_text", "_tokens"]

@@ -31,7 +31,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from velo_proxy.judging import Label, wilson_upper
+from velo_proxy.calibration import wilson_upper
+from velo_proxy.judging import Label
 
 log = logging.getLogger("velo_proxy.guard")
 
@@ -128,7 +129,6 @@ class LiveGuard:
         self.max_scopes = max_scopes
         self._windows: OrderedDict[tuple[str, str | None], _Window] = OrderedDict()
         self._lock = threading.Lock()
-        self._refreshed = clock()
 
     # ----- judgements in ------------------------------------------------------------------------
     def observe(self, label: Label) -> None:
@@ -181,14 +181,11 @@ class LiveGuard:
         if self.metrics is not None:
             self.metrics.guard_changes.labels(direction, "policy" if scope is None else "scope").inc()
 
-    def _refresh(self) -> None:
-        """Let judgements age out even when no new one arrives (at most once a minute)."""
-        now = self._clock()
-        if now - self._refreshed < 60:
-            return
-        self._refreshed = now
-        with self._lock:
-            for key, w in self._windows.items():
+    def _age(self, key: tuple[str, str | None], w: _Window | None) -> None:
+        """Let judgements age out even when no new one arrives. On the request path this costs one
+        comparison; the floor is recomputed only when the window's oldest judgement has expired."""
+        if w is not None and w.items and w.items[0].ts < self._clock() - self.max_age_s:
+            with self._lock:
                 self._update(key, w)
 
     # ----- serving ------------------------------------------------------------------------------
@@ -196,13 +193,14 @@ class LiveGuard:
         """The score a semantic hit of ``policy`` in ``scope`` needs (``NO_FLOOR``: no extra bar)."""
         if not self.enabled:
             return NO_FLOOR
-        self._refresh()
         # a scope with judgements enough is judged on its own (another tenant's traffic does not move
         # its floor); the others share the policy's
         s = self._windows.get((policy, scope))
+        self._age((policy, scope), s)
         if s is not None and len(s.items) >= self.min_scope_judgements:
             return s.floor
         w = self._windows.get((policy, None))
+        self._age((policy, None), w)
         return w.floor if w is not None else NO_FLOOR
 
     # ----- reporting ----------------------------------------------------------------------------
@@ -223,7 +221,8 @@ class LiveGuard:
         self.metrics.guard_floor.labels(policy).set(w.floor if self.enabled else NO_FLOOR)
 
     def stats(self) -> dict[str, Any]:
-        self._refresh()
+        for key, w in list(self._windows.items()):
+            self._age(key, w)
         out: dict[str, Any] = {"enabled": self.enabled, "max_false_hit_rate": self.max_false_hit_rate,
                                "window": self.window, "policies": {}}
         with self._lock:

@@ -19,7 +19,7 @@ from velo_proxy.policy import Decision, Policy
 
 class Decide:
     def __init__(self, *, guard: Guard, metrics: Metrics, live_guard: LiveGuard | None = None,
-                 near_miss_floor: float = 1.0) -> None:
+                 near_miss_floor: float = float("inf")) -> None:
         self.guard = guard
         self.metrics = metrics
         self.live_guard = live_guard

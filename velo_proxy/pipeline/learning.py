@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from velo_proxy.errors import ProxyError
-from velo_proxy.judging import JudgeBudget, Label, LLMJudge, Verdict, VerifierJudge, _text, _tokens
+from velo_proxy.judging import (JudgeBudget, Label, LLMJudge, Verdict, VerifierJudge, completion_text,
+                                completion_tokens, satisfaction)
 from velo_proxy.metrics import Metrics
 from velo_proxy.pipeline.components import CacheComponents
 from velo_proxy.pipeline.context import NearMiss, RequestContext, guard_score
@@ -84,7 +85,7 @@ class LearningLoop:
                 self.metrics.failures.labels("shadow", f"upstream_{err.status}").inc()
                 self.metrics.judge_calls.labels(judge.name, kind, "failed").inc()
                 return None
-            fresh_answer, tokens = _text(fresh), _tokens(fresh)
+            fresh_answer, tokens = completion_text(fresh), completion_tokens(fresh)
         verdict = await judge.judge(question=ctx.key.question if ctx.key else "", cached_question=hit.entry.question,
                                     cached_answer=str(hit.entry.answer["message"].get("content") or ""),
                                     fresh_answer=fresh_answer, tokens=tokens)
@@ -135,8 +136,7 @@ class LearningLoop:
             log.info("shadow check: entry %s judged wrong for a new question (%s judge): evicted", hit.entry.id,
                      label.judge)
             await self.components.delete(hit.entry.id)
-        q = -float(np.sqrt(max(0.0, 2.0 - 2.0 * verdict.agreement))) if verdict.agreement is not None \
-            else 2.0 * (float(label.correct) - 1.0)
+        q = satisfaction(verdict.agreement) if verdict.agreement is not None else 2.0 * (float(label.correct) - 1.0)
         await self.components.log_reward(ctx.trace.request_id, source="shadow", q=q, score=outcome)
 
     async def review_near_miss(self, ctx: RequestContext, answer: dict[str, Any], stored_id: str | None) -> None:
