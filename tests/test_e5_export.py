@@ -175,3 +175,36 @@ def test_export_is_idempotent_and_atomic(exported, monkeypatch, capsys):
     assert not e5_export.is_complete(exported, precision="fp32")
     with pytest.raises(ExportError, match="precision"):
         e5_export.export_e5(exported, precision="fp16")
+
+
+def test_the_proxy_selects_e5_by_name_and_refuses_a_store_of_another_embedder(exported, make_proxy, embedder_dir,
+                                                                               tmp_path, monkeypatch):
+    """VELO_EMBEDDER picks <models>/<name>; a data directory filled by MiniLM (also 384-d) is not opened with
+    e5 vectors: the semantic tier stays off, says why, and the MiniLM entries are kept."""
+    import httpx
+
+    from tests.test_cache import ADMIN, ask, settle
+    from velo_proxy.settings import Settings
+
+    home = tmp_path / "xdg"
+    (home / "velo-proxy" / "models").mkdir(parents=True)
+    (home / "velo-proxy" / "models" / "multilingual-e5-small").symlink_to(exported)
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    assert Settings(embedder="multilingual-e5-small").embedder_dir == home / "velo-proxy" / "models" / "multilingual-e5-small"
+    data = tmp_path / "data"
+    minilm = make_proxy(data_dir=data, embedder_dir=embedder_dir, admin_key=ADMIN)
+    ask(minilm, "How do I convert a string to an integer?")
+    assert settle(minilm)["store"]["entries"] == 1
+    minilm.stop()
+    e5 = make_proxy(data_dir=data, embedder="multilingual-e5-small", admin_key=ADMIN)
+    ready = httpx.get(f"{e5.url}/readyz")
+    store = ready.json()["checks"]["store"]
+    assert ready.status_code == 503 and not store["ok"]
+    assert "multilingual-e5-small" in store["detail"] and "all-MiniLM-L6-v2" in store["detail"]
+    _, headers = ask(e5, "How do I convert a string to an integer?")  # still answered, upstream
+    assert headers["x-velo-action"] == "B"
+    e5.stop()
+    again = make_proxy(data_dir=data, embedder_dir=embedder_dir, admin_key=ADMIN)
+    assert settle(again)["store"]["entries"] == 1  # nothing lost
+    _, headers = ask(again, "How do I convert a string to an integer?")  # the in-process exact tier is gone
+    assert headers["x-velo-action"] == "A" and float(headers["x-velo-similarity"]) > 0.999

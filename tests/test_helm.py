@@ -169,6 +169,24 @@ def test_schema_rejects_bad_values() -> None:
         assert "CronJob" in kinds(render("default", f"policy.name={name}", *RETRAIN))
 
 
+def test_embedder_is_selected_by_name_and_needs_a_policy_built_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.embedder picks one of the image's exported embedders; the proxy reads the same settings. e5 with a
+    MiniLM-built policy (verified, learned) would serve no semantic hit, so the chart refuses it."""
+    from velo_proxy.settings import Settings
+
+    cm = configmap(render("default"))
+    assert (cm["VELO_EMBEDDER"], cm["VELO_EMBEDDER_DIR"]) == ("all-MiniLM-L6-v2", "/opt/velo/models/all-MiniLM-L6-v2")
+    cm = configmap(render("default", "config.embedder=multilingual-e5-small", "policy.name=threshold"))
+    assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/multilingual-e5-small"
+    for key, value in cm.items():
+        monkeypatch.setenv(key, value)
+    assert Settings().embedder_dir == Path("/opt/velo/models/multilingual-e5-small")
+    for name in ("verified", "learned"):
+        proc = _fails("config.embedder=multilingual-e5-small", f"policy.name={name}")
+        assert "needs policy.name=threshold" in proc.stderr
+    _fails("config.embedder=bge-m3")  # the schema knows the names the image can carry
+
+
 def _fails(*sets: str) -> subprocess.CompletedProcess[str]:
     args = [a for s in sets for a in ("--set", s)]
     proc = subprocess.run([_helm(), "template", RELEASE, str(CHART), *args], capture_output=True, text=True,

@@ -325,6 +325,38 @@ def test_embedded_persists_across_reopen(tmp_path, rng):
         EmbeddedStore(path, dim=128)
 
 
+def test_embedded_refuses_vectors_of_another_embedder(tmp_path, rng, caplog):
+    # MiniLM and multilingual-e5-small are both 384-d: the dimension alone cannot tell their vectors apart
+    path = tmp_path / "store"
+    with EmbeddedStore(path, dim=DIM, embedder_id="all-MiniLM-L6-v2") as s:
+        s.add([make("a", unit(rng), 1)])
+    with pytest.raises(ValueError, match="multilingual-e5-small"):
+        EmbeddedStore(path, dim=DIM, embedder_id="multilingual-e5-small")
+    with EmbeddedStore(path, dim=DIM, embedder_id="all-MiniLM-L6-v2") as s:
+        assert len(s) == 1  # the refusal lost nothing
+    legacy = tmp_path / "legacy"  # a store written before embedder ids were recorded
+    with EmbeddedStore(legacy, dim=DIM) as s:
+        s.add([make("a", unit(rng), 2)])
+    with caplog.at_level("WARNING"), EmbeddedStore(legacy, dim=DIM, embedder_id="all-MiniLM-L6-v2") as s:
+        assert len(s) == 1
+    assert "records no embedder" in caplog.text
+    with pytest.raises(ValueError, match="embedder"):
+        EmbeddedStore(legacy, dim=DIM, embedder_id="multilingual-e5-small")
+
+
+def test_qdrant_records_the_embedder_in_the_collection_and_every_point(rng):
+    s = QdrantStore(":memory:", dim=DIM, collection="emb", embedder_id="all-MiniLM-L6-v2")
+    e = make("a", unit(rng), 1)
+    s.add([e])
+    point = s._client.retrieve("emb", [s._client.scroll("emb", limit=1)[0][0].id], with_payload=True)[0]
+    assert point.payload["embedder_id"] == "all-MiniLM-L6-v2"
+    assert s._client.get_collection("emb").config.metadata == {"embedder_id": "all-MiniLM-L6-v2"}
+    s.embedder_id = "multilingual-e5-small"  # what a proxy with another embedder finds on open
+    with pytest.raises(ValueError, match="multilingual-e5-small"):
+        s._ensure_collection()
+    s.close()
+
+
 def test_embedded_one_process_per_directory(tmp_path, rng):
     path = tmp_path / "store"
     s = EmbeddedStore(path, dim=DIM)

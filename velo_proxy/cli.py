@@ -106,7 +106,8 @@ def _export_e5(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"velo-proxy: {E5_EMBEDDER} not exported: {exc}", file=sys.stderr)
         return 1
-    print(f"embedder ready at {path} (serve with VELO_EMBEDDER_DIR={path})")
+    hint = f"VELO_EMBEDDER={E5_EMBEDDER}" if not args.out else f"VELO_EMBEDDER_DIR={path}"
+    print(f"embedder ready at {path} (serve with {hint})")
     # The pair verifier is MiniLM-based and calibrated with the MiniLM embedder: the proxy does not
     # load it next to another embedder, so there is nothing to export for this one (issue #16).
     print("pair verifier not exported: it is calibrated with all-MiniLM-L6-v2 only", file=sys.stderr)

@@ -40,7 +40,7 @@ class ChatEngine:
         # near misses are marked only when some will be reviewed (no work on the path otherwise)
         near_miss_floor = settings.near_miss_floor if settings.near_miss_review_rate > 0 else float("inf")
         self.decide = Decide(guard=services.guard, metrics=services.metrics, live_guard=services.live_guard,
-                             near_miss_floor=near_miss_floor)
+                             near_miss_floor=near_miss_floor, cross_language=settings.cross_language)
         self.after = AfterResponse(components=components, services=services, settings=settings,
                                    metrics=services.metrics)
         self.maintenance = Maintenance(components=components, services=services, settings=settings)

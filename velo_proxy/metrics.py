@@ -55,6 +55,9 @@ class Metrics:
                                      "and level (policy, scope).", ["direction", "level"], registry=r)
         self.guard_blocked = Counter("velo_guard_blocked", "Semantic hits the policy chose and the guard's floor "
                                      "forwarded instead.", registry=r)
+        self.cross_language = Counter("velo_cross_language", "Semantic hits the policy chose whose cached question "
+                                      "is in another language, by what was done instead (augment, forward, serve).",
+                                      ["action"], registry=r)
         self.promotions = Counter("velo_promotions", "Judged near misses promoted to aliases of the cached "
                                   "answer.", registry=r)
         self.store_entries = Gauge("velo_store_entries", "Entries in the semantic store.", registry=r)

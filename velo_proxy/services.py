@@ -150,7 +150,8 @@ class Services:
             log.error("embedder unavailable, semantic cache off: %s", exc)
             return
         try:
-            self.store = await asyncio.to_thread(open_store, self.settings, dim=self.embedder.dim)
+            self.store = await asyncio.to_thread(open_store, self.settings, dim=self.embedder.dim,
+                                                   embedder_id=self.embedder.id)
         except Exception as exc:  # noqa: BLE001
             self.load_errors["store"] = f"{type(exc).__name__}: {exc}"
             log.error("cache store unavailable, semantic cache off: %s", exc)

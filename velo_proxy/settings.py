@@ -129,9 +129,13 @@ class Settings(BaseSettings):
         "bound (a hit it rejects is forwarded); the verifier's scores are the policy's features either way.")
 
     # --- embedder ---------------------------------------------------------------------------
+    embedder: Literal["all-MiniLM-L6-v2", "multilingual-e5-small"] = Field(
+        DEFAULT_EMBEDDER_NAME, description="Which exported embedder to load from the models directory "
+        "('velo-proxy models export [--embedder multilingual-e5-small]'); embedder_dir overrides it.")
     embedder_dir: Path = Field(
         default_factory=lambda: default_home() / "models" / DEFAULT_EMBEDDER_NAME,
-        description="Directory with model.onnx + tokenizer.json (written by 'velo-proxy models export').",
+        description="Directory with model.onnx + tokenizer.json (written by 'velo-proxy models export'); "
+        "default: <models directory>/<embedder>.",
     )
     embedder_url: str | None = Field(
         None, description="Remote OpenAI-compatible /v1/embeddings base URL; overrides embedder_dir."
@@ -177,6 +181,11 @@ class Settings(BaseSettings):
         "'threshold' (plain cosine similarity, unverified) or 'learned' (the ONNX LRS actor, its hits verified)."
     )
     policy_path: Path | None = Field(None, description="ONNX LRS policy; unset: the one shipped in the package.")
+    cross_language: Literal["augment", "forward", "serve"] = Field(
+        "augment", description="A semantic hit whose cached question is in another language than the request "
+        "(velo_proxy.language: script, then function words): 'augment' forwards with the cached Q&A as context "
+        "(action C, so the answer comes in the user's language), 'forward' sends it upstream as is, 'serve' "
+        "serves the cached answer anyway.")
     policy_dir: Path | None = Field(None, description="Directory the retrain job publishes to; watched for new versions.")
     max_false_hit_rate: float = Field(
         0.02, gt=0, lt=1, description="Operator's bound on wrong cache hits (delta): picks the verifier's and the "
@@ -240,6 +249,12 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _embedder_dir_from_name(self) -> "Settings":
+        if "embedder_dir" not in self.model_fields_set:
+            self.embedder_dir = default_home() / "models" / self.embedder
+        return self
 
     @model_validator(mode="after")
     def _judge_needs_a_model(self) -> "Settings":

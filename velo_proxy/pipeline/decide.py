@@ -1,7 +1,8 @@
 """Decide: turn what the lookup found into one ``Choice``: serve the exact copy, serve a semantic
 hit (A), augment (C) or forward (B). The policy decides on semantic hits; a policy that fails at run
 time fails open (B) like any component. The live guard (``velo_proxy.live_guard``) has the last word
-on A: a hit whose score is below its floor is forwarded. A forwarded request with a close candidate
+on A: a hit whose score is below its floor is forwarded. A hit cached in another language than the
+request's is augmented (C) or forwarded, never served as is (``VELO_CROSS_LANGUAGE``). A forwarded request with a close candidate
 is marked as a near miss, for the off-path review."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from velo_proxy.language import different_languages
 from velo_proxy.live_guard import LiveGuard
 from velo_proxy.metrics import Metrics
 from velo_proxy.pipeline.context import Choice, NearMiss, RequestContext, guard_score
@@ -19,8 +21,9 @@ from velo_proxy.policy import Decision, Policy
 
 class Decide:
     def __init__(self, *, guard: Guard, metrics: Metrics, live_guard: LiveGuard | None = None,
-                 near_miss_floor: float = float("inf")) -> None:
+                 near_miss_floor: float = float("inf"), cross_language: str = "augment") -> None:
         self.guard = guard
+        self.cross_language = cross_language
         self.metrics = metrics
         self.live_guard = live_guard
         self.near_miss_floor = near_miss_floor
@@ -73,6 +76,8 @@ class Decide:
         if decision.action == "A" and self._held_back(ctx, decision):
             # logged as what happened: the policy was overruled, the request forwarded
             decision = dataclasses.replace(decision, action="B", entry=None, vetoed=True)
+        if decision.action == "A" and decision.entry is not None and self.cross_language != "serve":
+            decision = self._across_languages(ctx, decision)
         ctx.trace.decision = decision
         best = hits[0].similarity if hits else None
         hit = decision.entry
@@ -82,6 +87,16 @@ class Decide:
         if decision.action == "C" and hit is not None:
             return Choice("C", hit=hit, entry=hit.entry.id, similarity=best, verifier_score=decision.verifier_score)
         return Choice("B", similarity=best, verifier_score=decision.verifier_score)
+
+    def _across_languages(self, ctx: RequestContext, decision: Decision) -> Decision:
+        """The same question cached in another language is not its answer as is: the user asked in their
+        own language. Augment with the cached Q&A (C) or forward (B), as configured."""
+        if ctx.key is None or not different_languages(ctx.key.question, decision.entry.entry.question):
+            return decision
+        self.metrics.cross_language.labels(self.cross_language).inc()
+        if self.cross_language == "augment":
+            return dataclasses.replace(decision, action="C", vetoed=True)
+        return dataclasses.replace(decision, action="B", entry=None, vetoed=True)
 
     def _count_verification(self, policy: Policy, found: Found, decision: Decision) -> None:
         if policy.verify_rule is None or not found.hits:

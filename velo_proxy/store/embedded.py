@@ -176,12 +176,15 @@ class EmbeddedStore(CacheStore):
 
     def __init__(self, path: Path | str, *, dim: int, ann_threshold: int = 4096,
                  synchronous: str = "NORMAL", ann_threads: int = 0, build_threads: int = 1,
-                 ann_expansion_search: int = ANN_EXPANSION_SEARCH) -> None:
+                 ann_expansion_search: int = ANN_EXPANSION_SEARCH, embedder_id: str | None = None) -> None:
         if dim <= 0:
             raise ValueError("dim must be positive")
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous mode {synchronous!r}")
         self.dim = int(dim)
+        # which model made the vectors (one store directory holds one vector space; recorded in meta and
+        # checked on open: two 384-d models are not comparable)
+        self.embedder_id = embedder_id
         self.path = Path(path)
         self.ann_threshold = max(1, int(ann_threshold))
         self._ann_threads = int(ann_threads)  # threads for bulk HNSW inserts under the lock (0: all cores)
@@ -242,15 +245,27 @@ class EmbeddedStore(CacheStore):
     def _check_meta(self) -> None:
         rows = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
         if not rows:
+            fresh = [("dim", str(self.dim)), ("schema", SCHEMA_VERSION)]
+            if self.embedder_id:
+                fresh.append(("embedder_id", self.embedder_id))
             with self._tx():
-                self._conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
-                                       [("dim", str(self.dim)), ("schema", SCHEMA_VERSION)])
+                self._conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", fresh)
             return
         if int(rows.get("dim", self.dim)) != self.dim:
             raise ValueError(f"store at {self.path} holds {rows['dim']}-d vectors, opened with dim={self.dim}: "
                              "use another data directory or the embedder it was built with")
         if rows.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise ValueError(f"store at {self.path} has schema {rows.get('schema')}, expected {SCHEMA_VERSION}")
+        stored = rows.get("embedder_id")
+        if self.embedder_id and stored and stored != self.embedder_id:
+            raise ValueError(f"store at {self.path} holds vectors of embedder {stored!r}, opened with embedder "
+                             f"{self.embedder_id!r}: use another data directory (VELO_DATA_DIR) or the embedder "
+                             "it was built with")
+        if self.embedder_id and not stored:
+            # written before embedder ids were recorded, when all-MiniLM-L6-v2 was the only embedder
+            log.warning("store at %s records no embedder; recording %r", self.path, self.embedder_id)
+            with self._tx():
+                self._conn.execute("INSERT INTO meta(key, value) VALUES ('embedder_id', ?)", (self.embedder_id,))
 
     def _load(self) -> dict[str, float]:
         """Read every entry's vector and bookkeeping (not the payloads) into the per-scope arrays."""

@@ -17,6 +17,7 @@ applied whole or not at all when the server crashes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ import numpy as np
 from velo_proxy.cache_value import below_mean_mask, over_cap, update_cache_value
 from velo_proxy.store.base import CacheEntry, CacheStore, EvictionReport, Hit, unit_vector
 
+log = logging.getLogger(__name__)
 _ID_NAMESPACE = uuid.UUID("6f1c1f2e-6a55-4f0e-9b7e-1c2d3e4f5a6b")
 _SCROLL_PAGE = 1024
 _DELETE_CHUNK = 1024
@@ -43,11 +45,14 @@ class QdrantStore(CacheStore):
     """Cache store on Qdrant (see the module docstring)."""
 
     def __init__(self, url: str, *, dim: int, collection: str = "velo_cache", api_key: str | None = None,
-                 timeout: int | None = None) -> None:
+                 timeout: int | None = None, embedder_id: str | None = None) -> None:
         from qdrant_client import QdrantClient, models
 
         self._m = models
         self.dim = int(dim)
+        # which model made the vectors: the collection's metadata says it, every point carries it, and a
+        # collection built by another embedder is refused (same dimension is not the same vector space)
+        self.embedder_id = embedder_id
         self.collection = collection
         self._lock = threading.RLock()
         self._local = url == ":memory:"
@@ -65,8 +70,9 @@ class QdrantStore(CacheStore):
     def _ensure_collection(self) -> None:
         m = self._m
         c = self._client
+        meta = {"embedder_id": self.embedder_id} if self.embedder_id else None
         if not c.collection_exists(self.collection):
-            c.create_collection(self.collection,
+            c.create_collection(self.collection, metadata=meta,
                                 vectors_config=m.VectorParams(size=self.dim, distance=m.Distance.COSINE))
         else:
             info = c.get_collection(self.collection)
@@ -75,6 +81,20 @@ class QdrantStore(CacheStore):
             if size is not None and size != self.dim:
                 raise ValueError(f"Qdrant collection {self.collection!r} holds {size}-d vectors, "
                                  f"opened with dim={self.dim}")
+            stored = (getattr(info.config, "metadata", None) or {}).get("embedder_id")
+            if self.embedder_id and stored and stored != self.embedder_id:
+                raise ValueError(f"Qdrant collection {self.collection!r} holds vectors of embedder {stored!r}, "
+                                 f"opened with embedder {self.embedder_id!r}: use another collection "
+                                 "(VELO_QDRANT_COLLECTION) or the embedder it was built with")
+            if self.embedder_id and not stored:
+                # built before embedder ids were recorded (only all-MiniLM-L6-v2 existed then) or by a
+                # server without collection metadata: record it from now on
+                log.warning("Qdrant collection %r records no embedder; recording %r", self.collection,
+                            self.embedder_id)
+                try:
+                    c.update_collection(self.collection, metadata=meta)
+                except Exception as exc:  # noqa: BLE001 - servers before 1.16 have no collection metadata
+                    log.warning("could not record the embedder in Qdrant collection %r: %s", self.collection, exc)
         if self._local:
             return  # local mode has no payload indexes (and warns when asked for one)
         try:
@@ -139,7 +159,7 @@ class QdrantStore(CacheStore):
                 payload={"entry_id": e.id, "scope": e.scope, "kind": int(e.kind), "question": e.question,
                          "answer": e.answer, "model": e.model, "created_at": float(e.created_at),
                          "expires_at": float(e.expires_at), "use_count": int(e.use_count),
-                         "cache_value": float(e.cache_value)})
+                         "cache_value": float(e.cache_value), "embedder_id": self.embedder_id})
         with self._lock:
             self._client.upsert(self.collection, points=list(points.values()), wait=True)
 

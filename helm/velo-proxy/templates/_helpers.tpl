@@ -121,6 +121,9 @@ app.kubernetes.io/component: redis
 {{- if and .Values.retrain.enabled (eq .Values.policy.name "threshold") }}
 {{- fail "retrain.enabled needs policy.name=verified or learned: the threshold policy is recalibrated by nothing the retrain job learns (the verifier stage refits the verified policy's verifier, the lrs stage the learned policy)" }}
 {{- end }}
+{{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") (ne .Values.policy.name "threshold") }}
+{{- fail (printf "config.embedder=%s needs policy.name=threshold: the pair verifier and the shipped LRS policy are built on all-MiniLM-L6-v2 and refuse other vectors, so %s would serve no semantic hit" .Values.config.embedder .Values.policy.name) }}
+{{- end }}
 {{- if and (eq .Values.learningLoop.judge "llm") (not .Values.learningLoop.judgeModel) }}
 {{- fail "learningLoop.judge=llm needs learningLoop.judgeModel: the client model name the LLM judge asks (the proxy refuses to start without VELO_JUDGE_MODEL)" }}
 {{- end }}
