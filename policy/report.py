@@ -197,7 +197,13 @@ def write_report(repo: Path, run: Path, data, results, thresholds, calibrations,
     L.append("## Plots\n")
     for f in files:
         L.append(f"![{f}]({f})\n")
-    (repo / "docs" / "policy-results.md").write_text("\n".join(L) + "\n")
+    from .reproduce_dlrs import existing_section, replace_section
+
+    doc = repo / "docs" / "policy-results.md"
+    kept = existing_section(doc)  # the DLRS stage's section is its own; a rewrite of the rest keeps it
+    doc.write_text("\n".join(L) + "\n")
+    if kept is not None:
+        replace_section(doc, kept.split("\n"))
 
 
 def main(argv=None) -> None:

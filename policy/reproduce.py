@@ -5,6 +5,8 @@ calibrate LRS, evaluate everything on the test split, export the shipped policy,
                                                #  velo_proxy/policies/lrs-default.{onnx,json,pt})
     python -m policy.reproduce --quick         # minutes: tiny data, few updates, nothing shipped
     python -m policy.reproduce --data-dir DIR  # datasets elsewhere (env VELO_DATASETS_DIR; default ../shared/data)
+    python -m policy.reproduce --dlrs          # only the DLRS stage (policy/reproduce_dlrs.py): DLRS and its
+                                               #  variants beside LRS at w = 0.1; a full run ends with it
 
 Training is per w (w in {0.01, 0.1, 1}); learned policies are trained with N = 3 agents in the nearest
 edge mode and evaluated, unchanged, for N = 2..5 in both modes (the actor is decentralised; only the
@@ -136,6 +138,17 @@ def _eval_job(args):
     return key, {p.name: evaluate_seeds(data, p, cfg, st, seeds) for p in _methods(actors, w, threshold, taus)}
 
 
+def _dlrs_stage(data, data_path, out, tkw, eval_steps, jobs, *, train, ship, say) -> None:
+    from .reproduce_dlrs import plot, replace_section, run_stage, section
+
+    res = run_stage(data=data, data_path=data_path, out=out, tkw=tkw, eval_steps=eval_steps, jobs=jobs,
+                    train=train, say=say)
+    doc = (REPO / "docs" / "policy-results.md") if ship else out / "policy-results-dlrs.md"
+    plot(out, (REPO / "docs" / "img" / "policy-dlrs.png") if ship else out / "policy-dlrs.png")
+    replace_section(doc, section(res, run=out))
+    say(f"dlrs stage: wrote {doc} in {res['t_total'] / 60:.1f} min")
+
+
 def _fmt(x, nd=3):
     return f"{x:.{nd}f}"
 
@@ -151,6 +164,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-ship", action="store_true", help="do not write velo_proxy/policies or docs")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="datasets directory, laid out like ../shared/data [env VELO_DATASETS_DIR; default ../shared/data]")
+    ap.add_argument("--dlrs", action="store_true",
+                    help="only the DLRS stage: DLRS and its variants beside LRS at w = 0.1 (trains what is missing in --out)")
+    ap.add_argument("--no-dlrs", action="store_true", help="a full run without the DLRS stage at its end")
     a = ap.parse_args(argv)
     import os
 
@@ -199,6 +215,12 @@ def main(argv=None) -> None:
     tkw = {"updates": updates}
     if quick:
         tkw.update(rollout_steps=64, eval_every=4, eval_steps=60, demo_steps=300, neighbour_demos=600)
+    if a.dlrs:
+        from .reproduce_dlrs import DIFFUSION
+
+        _dlrs_stage(data, data_path, out, tkw, eval_steps, a.jobs, train=() if a.skip_train else ("lrs", *DIFFUSION),
+                    ship=ship, say=say)
+        return
     jobs = [(data_path, m, w, tkw, out) for w in WS for m in LEARNED]
     if not a.skip_train:
         if a.jobs > 1:
@@ -302,6 +324,11 @@ def main(argv=None) -> None:
         write_report(REPO, out, data, results, thresholds, calibrations, cal_rows, sens, meta, parity_diff,
                      t_train=t_train, t_total=total, updates=updates, eval_steps=eval_steps)
         say("wrote docs/policy-results.md and docs/img/policy-*.png")
+    if not a.no_dlrs:  # reuses lrs-w0.1.pt from above; trains the diffusion actors unless --skip-train finds them
+        from .reproduce_dlrs import DIFFUSION
+
+        _dlrs_stage(data, data_path, out, tkw, eval_steps, a.jobs, train=() if a.skip_train else DIFFUSION,
+                    ship=ship, say=say)
     lrs = results[(0.1, 3, "nearest", "LRS")]["reward"]
     best = max((v["reward"], k[3]) for k, v in results.items()
                if k[:3] == (0.1, 3, "nearest") and not k[3].startswith("LRS") and k[3] != "Oracle")

@@ -112,3 +112,54 @@ def test_a_tiny_dlrs_run_trains_saves_loads_and_is_served(tiny_data, tmp_path):
         ref = torch.softmax(loaded(*x), -1).numpy()
     np.testing.assert_allclose(served.probs(obs), ref, atol=1e-5)
     assert served.version == "dlrs-tiny"
+
+
+def test_the_reproduce_stage_reports_pairs_costs_and_keeps_its_section(tmp_path):
+    """policy.reproduce_dlrs: the section pairs every DLRS row with LRS on the same streams, times the
+    exported actors, and lives between markers that a rewrite of the rest of the page keeps."""
+    from policy.reproduce import EDGES, MODES
+    from policy.reproduce_dlrs import (BEGIN, DIFFUSION, END, decision_ms, existing_section, replace_section,
+                                       section)
+
+    rng = np.random.default_rng(0)
+    names = ["LRS", "LRS (δ=0.02)", "DLRS", "DLRS-L5", "DLRS-L15", "DLRS-V5", "DLRS-V15", "DLRS (δ=0.02)"]
+
+    def row(shift):
+        seeds = list(rng.normal(1.0, 0.1, 10) + shift)
+        return {"reward": float(np.mean(seeds)), "reward_seeds": seeds, "satisfaction": 0.5, "delay": 1.0,
+                "llm_freq": 0.9, "c_freq": 0.0, "hit_rate": 0.1, "false_hit_rate": 0.01}
+
+    results = {}
+    for n in EDGES:
+        for mode in MODES:
+            base = row(0.0)
+            for name in names:  # DLRS exactly 0.5 ahead of LRS on every stream
+                r = dict(base)
+                if name == "DLRS":
+                    r["reward_seeds"] = [x + 0.5 for x in base["reward_seeds"]]
+                    r["reward"] = base["reward"] + 0.5
+                results[(n, mode, name)] = r
+    torch.manual_seed(0)
+    onnx_path = tmp_path / "d.onnx"
+    export_onnx(DiffusionActor(384, F.K, 5, steps=5), onnx_path, dim=384, top_p=5, embedder_id="e",
+                policy_version="t", calibration={"thresholds": {}})
+    t = decision_ms(onnx_path, dim=384, top_p=5, calls=20)
+    assert 0 < t["p50_ms"] <= t["p99_ms"]
+    res = {"results": results, "calibrations": {}, "updates": 80, "seeds": 10, "eval_steps": 500, "t_train": 60.0,
+           "t_total": 120.0, "cal_rows": [(0.02, 0.9, row(0.0))], "timing": {m: t for m in ("lrs", *DIFFUSION)},
+           "parity": {m: 1e-7 for m in ("lrs", *DIFFUSION)}, "params": {m: 1000 for m in ("lrs", *DIFFUSION)}}
+    lines = section(res)
+    text = "\n".join(lines)
+    assert lines[0] == BEGIN and lines[-1] == END
+    assert "+0.5000 ± 0.0000, 10/10 **>2SE**" in text and "in 8 of 8 configurations" in text
+    doc = tmp_path / "policy-results.md"
+    doc.write_text("# Policy results\n\nrows\n\n## Plots\n\n![x](x.png)\n")
+    replace_section(doc, lines)
+    first = doc.read_text()
+    assert first.index(BEGIN) < first.index("## Plots") and first.startswith("# Policy results")
+    replace_section(doc, lines)  # again: replaced, not appended
+    assert doc.read_text() == first and first.count(BEGIN) == 1
+    kept = existing_section(doc)
+    doc.write_text("# Policy results, rewritten\n\n## Plots\n")  # what policy.report writes
+    replace_section(doc, kept.split("\n"))
+    assert existing_section(doc) == kept

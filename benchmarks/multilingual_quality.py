@@ -1,0 +1,327 @@
+"""Per-language cache quality, all-MiniLM-L6-v2 vs multilingual-e5-small (issue #16).
+
+    python benchmarks/multilingual_quality.py [--pawsx-pairs 2000] [--e5-dir DIR] [--data-dir DIR] [--doc]
+
+For each embedder, on streams shaped like benchmarks/quality.py's (clusters in random order, the first
+arrival of each cluster a negative, the labelled near misses interleaved), with the plain cosine
+threshold as the decision (the pair verifier and LRS are MiniLM-built and English-trained, so e5 has only
+the threshold; the languages are compared on the same rule):
+
+- **PAWS-X, per language** (de en es fr ja ko zh): each language's dev pairs are split in two halves by
+  connected component; on the calibration half the threshold for δ is the smallest whose one-sided 95 %
+  Wilson upper bound of the false-hit rate is ≤ δ (``velo_proxy.calibration``, as every calibration here);
+  on the test half it is applied and measured: hit rate (share of duplicates answered from the cache),
+  false-hit rate, and whether it held. Never a threshold picked on the test half.
+- the same test halves at fixed thresholds (what a threshold means on each embedder's scale);
+- **XQuAD across languages**, at fixed thresholds: one question in en/es/de/ru/zh is one cluster (890
+  questions, 4,450 requests). A hit the threshold would serve in another language goes to C (``VELO_CROSS_LANGUAGE``):
+  reported is the share of requests whose best hit is the same question in another language and that C
+  takes with the right context (recall), and the share of C's contexts that are the same question
+  (precision); a same-language hit is always wrong here (XQuAD has no paraphrases within a language).
+- **XQuAD within one language**: each language's 890 questions alone (all different): false hits per
+  1,000 requests at the fixed thresholds.
+
+- **The English pair verifier per language** (``--verifier-only``): AUC of its score, paraphrase vs near
+  miss, on each language's PAWS-X pairs (``--pawsx-pairs``), and in XQuAD of a question with its own
+  translation vs with another question's translation: whether one verifier can serve every language.
+
+Writes the tables to stdout and, with ``--doc``, into docs/multilingual.md between markers. Data:
+``--data-dir`` / ``VELO_DATASETS_DIR``, default ``../shared/data``. e5 is exported first if missing
+(needs the ``multilingual`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from quality import (Replay, Workload, _from_pairs, _read_jsonl, _UnionFind, threshold_decider,  # noqa: E402
+                     write_section)
+
+from velo_proxy.calibration import wilson_upper  # noqa: E402
+from velo_proxy.language import different_languages  # noqa: E402
+
+PAWS_LANGS = ("de", "en", "es", "fr", "ja", "ko", "zh")
+XQ_LANGS = ("en", "es", "de", "ru", "zh")
+DELTAS = (0.01, 0.02, 0.05)
+GRID = [round(x, 4) for x in np.arange(0.5, 1.0 + 1e-9, 0.0025)]
+FIXED = (0.8, 0.85, 0.9, 0.95)  # the XQuAD tables and the uncalibrated PAWS-X view: e5's cosines run higher
+
+
+def split_by_component(rows: list[dict[str, Any]], seed: int) -> tuple[list[dict], list[dict]]:
+    """Two halves with no sentence in both: components of the pair graph (duplicates and near misses)."""
+    uf = _UnionFind()
+    for r in rows:
+        uf.union(r["q1"].strip(), r["q2"].strip())
+    cal, test = [], []
+    for r in rows:
+        h = zlib.crc32(f"{seed}:{uf.find(r['q1'].strip())}".encode())
+        (cal if h % 2 == 0 else test).append(r)
+    return cal, test
+
+
+def curve(w: Workload) -> list[dict[str, float]]:
+    rp = Replay(w.emb, w.cluster)
+    pos = w.positives_mask()
+    out = []
+    for t in GRID:
+        m = rp.run(threshold_decider(t), need=1).metrics(pos, w)
+        m["threshold"] = t
+        out.append(m)
+    return out
+
+
+def calibrated(points: list[dict[str, float]], delta: float) -> float | None:
+    """Smallest threshold (most serving) whose Wilson upper bound of the false-hit rate is <= delta."""
+    ok = [p for p in points if p["hits"] > 0 and wilson_upper(p["false"], p["hits"]) <= delta]
+    return min(p["threshold"] for p in ok) if ok else None
+
+
+def at(points: list[dict[str, float]], t: float | None) -> dict[str, float] | None:
+    if t is None:
+        return None
+    return min(points, key=lambda p: abs(p["threshold"] - t))
+
+
+def xquad_workloads(rows: list[dict[str, Any]], seed: int) -> tuple[Workload, dict[str, Workload]]:
+    items: dict[str, tuple[int, str]] = {}
+    for ci, r in enumerate(rows):
+        for lang in XQ_LANGS:
+            q = (r.get(f"question_{lang}") or "").strip()
+            if q and q not in items:
+                items[q] = (ci, lang)
+    texts = list(items)
+    random.Random(seed).shuffle(texts)
+    across = Workload("xquad-across", "XQuAD, 5 languages", texts, np.array([items[t][0] for t in texts]),
+                      [items[t][1] for t in texts])
+    within = {}
+    for lang in XQ_LANGS:
+        qs = [t for t in texts if items[t][1] == lang]
+        within[lang] = Workload(f"xquad-{lang}", f"XQuAD {lang}", qs, np.arange(len(qs)), [lang] * len(qs))
+    return across, within
+
+
+def across_languages(w: Workload, t: float) -> dict[str, float]:
+    """The threshold at t with the cross-language rule: a hit in another language goes to C."""
+    rp = Replay(w.emb, w.cluster)
+    served_same = served_same_wrong = c_taken = c_right = 0
+    inserted = np.zeros(w.n, dtype=bool)
+    count = 0
+    reachable = 0  # requests whose best cached candidate is the same question in another language
+    for i in range(w.n):
+        cands = rp.candidates(i, inserted, count, 5, 1) if count else []
+        if cands and w.cluster[cands[0][0]] == w.cluster[i]:
+            reachable += 1
+        if cands and cands[0][1] >= t:
+            j = cands[0][0]
+            if different_languages(w.texts[i], w.texts[j]):
+                c_taken += 1
+                c_right += int(w.cluster[j] == w.cluster[i])
+            else:
+                served_same += 1
+                served_same_wrong += int(w.cluster[j] != w.cluster[i])
+        # A serves nothing new; B and C both store the answer under the request's own question
+        if not (cands and cands[0][1] >= t and not different_languages(w.texts[i], w.texts[cands[0][0]])):
+            inserted[i] = True
+            count += 1
+    return {"threshold": t, "requests": w.n, "reachable": reachable, "c_taken": c_taken, "c_right": c_right,
+            "c_recall": c_right / reachable if reachable else float("nan"),
+            "c_precision": c_right / c_taken if c_taken else float("nan"),
+            "served_same_language": served_same, "served_same_language_wrong": served_same_wrong}
+
+
+def run(embedder: Any, label: str, data: Path, pawsx_pairs: int, seed: int) -> dict[str, Any]:
+    cache = common.EmbeddingCache(embedder)
+    out: dict[str, Any] = {"embedder": embedder.id, "pawsx": {}, "xquad_within": {}}
+    for lang in PAWS_LANGS:
+        rows = _read_jsonl(data / "pairs" / f"paws-x-dev-{lang}.jsonl")
+        rows = random.Random(seed).sample(rows, min(pawsx_pairs, len(rows)))
+        cal_rows, test_rows = split_by_component(rows, seed)
+        cal = _from_pairs(f"paws-x-{lang}-cal", "", cal_rows, seed)
+        test = _from_pairs(f"paws-x-{lang}-test", "", test_rows, seed)
+        cal.emb = cache.get(cal.texts, progress=f"{label} {lang} cal")
+        test.emb = cache.get(test.texts, progress=f"{label} {lang} test")
+        cc, tc = curve(cal), curve(test)
+        res = {"cal_requests": cal.n, "test_requests": test.n, "test_positives": int(test.positives_mask().sum()),
+               "oracle_hit_rate": Replay(test.emb, test.cluster).run(_oracle(test.cluster)).metrics(
+                   test.positives_mask(), test)["hit_rate"], "deltas": {}}
+        res["fixed"] = {str(t): {k: at(tc, t)[k] for k in ("hit_rate", "fhr", "hits")} for t in FIXED}
+        for d in DELTAS:
+            t = calibrated(cc, d)
+            p = at(tc, t)
+            res["deltas"][str(d)] = None if p is None else {
+                "threshold": t, "hit_rate": p["hit_rate"], "fhr": p["fhr"], "hits": p["hits"], "false": p["false"],
+                "held": p["fhr"] <= d}
+        out["pawsx"][lang] = res
+        print(f"[{label}] paws-x {lang}: " + ", ".join(
+            f"δ={d}: " + ("none" if v is None else f"t={v['threshold']:.4f} hit {v['hit_rate']:.3f} FHR {v['fhr']:.3f}")
+            for d, v in res["deltas"].items()), file=sys.stderr, flush=True)
+    xrows = _read_jsonl(data / "qa" / "xquad-parallel-dev.jsonl")
+    across, within = xquad_workloads(xrows, seed)
+    across.emb = cache.get(across.texts, progress=f"{label} xquad")
+    pos_of = {t: i for i, t in enumerate(across.texts)}
+    out["xquad_across"] = {str(t): across_languages(across, t) for t in FIXED}
+    for lang, w in within.items():
+        w.emb = across.emb[[pos_of[t] for t in w.texts]]
+        rp, pos = Replay(w.emb, w.cluster), w.positives_mask()
+        out["xquad_within"][lang] = {str(t): 1000 * rp.run(threshold_decider(t), need=1).metrics(pos, w)["false"] / w.n
+                                     for t in FIXED}
+    return out
+
+
+def _oracle(cluster: np.ndarray):
+    def decide(i, cands, st):
+        for j, _ in cands:
+            if cluster[j] == cluster[i]:
+                return j
+        return None
+    return decide
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a positive outscores a negative), ties half."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    allv = np.concatenate([pos, neg])
+    ranks = np.empty(len(allv))
+    ranks[np.argsort(allv, kind="mergesort")] = np.arange(1, len(allv) + 1)
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(inv, weights=ranks) / counts)[inv]  # ties share their mean rank
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def verifier_by_language(data: Path, pairs_per_lang: int, seed: int, threads: int) -> str:
+    from velo_proxy.settings import Settings
+    from velo_proxy.verifier import PairVerifier
+
+    v = PairVerifier(Settings().verifier_dir, threads=threads)
+    L = [f"The shipped pair verifier (`{v.id}`, English-trained) per language: AUC of its score, paraphrase vs near "
+         f"miss (PAWS-X dev, {pairs_per_lang} pairs per language), and its mean score (`python "
+         f"benchmarks/multilingual_quality.py --verifier-only --pawsx-pairs {pairs_per_lang}`).\n",
+         "| language | pairs | AUC | mean score, paraphrases | mean score, near misses |", "|---|---:|---:|---:|---:|"]
+    for lang in PAWS_LANGS:
+        rows = random.Random(seed).sample(_read_jsonl(data / "pairs" / f"paws-x-dev-{lang}.jsonl"), pairs_per_lang)
+        sc = v.score_many([r["q1"] for r in rows], [r["q2"] for r in rows])
+        dup = np.array([int(r["duplicate"]) for r in rows], dtype=bool)
+        L.append(f"| {lang} | {len(rows)} | {auc(sc[dup], sc[~dup]):.3f} | {sc[dup].mean():.3f} | {sc[~dup].mean():.3f} |")
+    xrows = _read_jsonl(data / "qa" / "xquad-parallel-dev.jsonl")[:pairs_per_lang]
+    L.append("\nXQuAD: an English question against its own translation (same request) and against the next row's "
+             "translation (another request about the same article, mostly):\n")
+    L.append("| translation | pairs | AUC | mean score, own | mean score, other |")
+    L.append("|---|---:|---:|---:|---:|")
+    for lang in XQ_LANGS[1:]:
+        en = [r["question_en"] for r in xrows]
+        own = v.score_many(en, [r[f"question_{lang}"] for r in xrows])
+        other = v.score_many(en, [xrows[(i + 1) % len(xrows)][f"question_{lang}"] for i in range(len(xrows))])
+        L.append(f"| en–{lang} | {len(xrows)} | {auc(own, other):.3f} | {own.mean():.3f} | {other.mean():.3f} |")
+    return "\n".join(L)
+
+
+def markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace, seconds: float) -> str:
+    L = [f"Measured by `python benchmarks/multilingual_quality.py --pawsx-pairs {args.pawsx_pairs}` "
+         f"({seconds / 60:.1f} min; {common.machine_info().get('cpu', '')}). Plain cosine threshold, calibrated per "
+         "language on one half of its PAWS-X dev pairs (by component), measured on the other half.\n"]
+    for d in DELTAS:
+        L.append(f"**δ = {d:g}** — PAWS-X test half: hit rate / false-hit rate at the threshold calibrated on the "
+                 "other half (✗: the bound did not hold on the test half; —: no threshold holds δ on the calibration half)\n")
+        L.append("| language | " + " | ".join(f"{lab} threshold | {lab} hit | {lab} FHR" for lab in results) + " |")
+        L.append("|---|" + "---:|---:|---:|" * len(results))
+        for lang in PAWS_LANGS:
+            cells = []
+            for res in results.values():
+                v = res["pawsx"][lang]["deltas"][str(d)]
+                if v is None:
+                    cells += ["—", "0 %", "—"]
+                else:
+                    cells += [f"{v['threshold']:.4f}", f"{100 * v['hit_rate']:.1f} %",
+                              f"{100 * v['fhr']:.1f} %" + ("" if v["held"] else " ✗")]
+            L.append(f"| {lang} | " + " | ".join(cells) + " |")
+        L.append("")
+    L.append("Oracle (top-5) hit rate on each test half: " + "; ".join(
+        f"{lab}: " + ", ".join(f"{lang} {100 * res['pawsx'][lang]['oracle_hit_rate']:.0f} %" for lang in PAWS_LANGS)
+        for lab, res in results.items()) + ".\n")
+    L.append("PAWS-X test half at fixed thresholds (not operating points: what each threshold means on each "
+             "embedder's scale), hit rate / false-hit rate:\n")
+    L.append("| language | " + " | ".join(f"{lab} {t:g}" for lab in results for t in FIXED) + " |")
+    L.append("|---|" + "---:|" * (len(results) * len(FIXED)))
+    for lang in PAWS_LANGS:
+        cells = [f"{100 * r['pawsx'][lang]['fixed'][str(t)]['hit_rate']:.0f} / {100 * r['pawsx'][lang]['fixed'][str(t)]['fhr']:.0f} %"
+                 for r in results.values() for t in FIXED]
+        L.append(f"| {lang} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("**XQuAD across languages** (890 questions × 5 languages; a hit the threshold would serve in another "
+             "language goes to C): of the requests whose best cached candidate is the same question in another "
+             "language (reachable), the share C takes with that context (recall); of C's contexts, the share that "
+             "are the same question (precision); same-language hits served (all wrong: XQuAD has no paraphrases "
+             "within a language).\n")
+    L.append("| embedder | threshold | reachable | C recall | C precision | same-language hits served |")
+    L.append("|---|---:|---:|---:|---:|---:|")
+    for lab, res in results.items():
+        for t, v in res["xquad_across"].items():
+            L.append(f"| {lab} | {float(t):g} | {v['reachable']} | {100 * v['c_recall']:.1f} % | "
+                     f"{100 * v['c_precision']:.1f} % | {v['served_same_language']} |")
+    L.append("")
+    L.append("**XQuAD within one language** (890 different questions each, so every hit is wrong): false hits per "
+             "1,000 requests.\n")
+    L.append("| embedder | threshold | " + " | ".join(XQ_LANGS) + " |")
+    L.append("|---|---:|" + "---:|" * len(XQ_LANGS))
+    for lab, res in results.items():
+        for t in FIXED:
+            L.append(f"| {lab} | {t:g} | " + " | ".join(f"{res['xquad_within'][lang][str(t)]:.1f}" for lang in XQ_LANGS) + " |")
+    return "\n".join(L)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pawsx-pairs", type=int, default=2000, help="pairs per language (PAWS-X dev has 2,000)")
+    ap.add_argument("--e5-dir", type=Path, default=None, help="exported e5 (default: <models>/multilingual-e5-small)")
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads per embedder")
+    ap.add_argument("--doc", action="store_true", help="write the tables into docs/multilingual.md")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--verifier-only", action="store_true", help="only the English verifier per language")
+    a = ap.parse_args(argv)
+    if a.data_dir is not None:
+        import os
+
+        os.environ["VELO_DATASETS_DIR"] = str(a.data_dir)
+    data = common.require_data()
+    if a.verifier_only:
+        body = verifier_by_language(data, min(a.pawsx_pairs, 2000), a.seed, a.threads)
+        print(body)
+        if a.doc:
+            write_section(common.REPO / "docs" / "multilingual.md", "multilingual-verifier", body)
+        return 0
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings, default_home
+
+    e5_dir = a.e5_dir or default_home() / "models" / "multilingual-e5-small"
+    if not (e5_dir / "model.onnx").exists():
+        from velo_proxy.e5_export import export_e5
+
+        export_e5(e5_dir)
+    t0 = time.time()
+    results = {"MiniLM": run(OnnxEmbedder(Settings().embedder_dir, threads=a.threads), "MiniLM", data, a.pawsx_pairs, a.seed),
+               "e5": run(OnnxEmbedder(e5_dir, threads=a.threads), "e5", data, a.pawsx_pairs, a.seed)}
+    body = markdown(results, a, time.time() - t0)
+    print(body)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1, default=float))
+    if a.doc:
+        write_section(common.REPO / "docs" / "multilingual.md", "multilingual-quality", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
