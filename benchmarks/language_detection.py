@@ -29,19 +29,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from velo_proxy.language import detect, different_languages  # noqa: E402
 
 LANGS = ("en", "es", "de", "ru", "zh")
 PAWS_LANGS = ("de", "en", "es", "fr", "ja", "ko", "zh")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def data_dir(arg: Path | None) -> Path:
-    for p in (arg, os.environ.get("VELO_DATASETS_DIR"), REPO.parent / "shared" / "data"):
-        if p and Path(p).is_dir():
-            return Path(p)
-    raise SystemExit("datasets not found: pass --data-dir or set VELO_DATASETS_DIR (laid out like ../shared/data)")
 
 
 def jsonl(path: Path, n: int | None = None) -> list[dict]:
@@ -60,7 +54,9 @@ def main(argv=None) -> None:
     ap.add_argument("--paws-pairs", type=int, default=1000)
     ap.add_argument("--qqp-pairs", type=int, default=5000)
     a = ap.parse_args(argv)
-    root = data_dir(a.data_dir)
+    if a.data_dir is not None:
+        os.environ["VELO_DATASETS_DIR"] = str(a.data_dir)
+    root = common.require_data()
     rows = jsonl(root / "qa" / "xquad-parallel-dev.jsonl")
     rng = random.Random(0)
 

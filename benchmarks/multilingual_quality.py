@@ -46,8 +46,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-from quality import (Replay, Workload, _from_pairs, _read_jsonl, _UnionFind, threshold_decider,  # noqa: E402
-                     write_section)
+from quality import (Replay, Workload, _from_pairs, _read_jsonl, _UnionFind, oracle_decider,  # noqa: E402
+                     threshold_decider, write_section)
 
 from velo_proxy.calibration import wilson_upper  # noqa: E402
 from velo_proxy.language import different_languages  # noqa: E402
@@ -154,7 +154,7 @@ def run(embedder: Any, label: str, data: Path, pawsx_pairs: int, seed: int) -> d
         test.emb = cache.get(test.texts, progress=f"{label} {lang} test")
         cc, tc = curve(cal), curve(test)
         res = {"cal_requests": cal.n, "test_requests": test.n, "test_positives": int(test.positives_mask().sum()),
-               "oracle_hit_rate": Replay(test.emb, test.cluster).run(_oracle(test.cluster)).metrics(
+               "oracle_hit_rate": Replay(test.emb, test.cluster).run(oracle_decider(test.cluster)).metrics(
                    test.positives_mask(), test)["hit_rate"], "deltas": {}}
         res["fixed"] = {str(t): {k: at(tc, t)[k] for k in ("hit_rate", "fhr", "hits")} for t in FIXED}
         for d in DELTAS:
@@ -178,15 +178,6 @@ def run(embedder: Any, label: str, data: Path, pawsx_pairs: int, seed: int) -> d
         out["xquad_within"][lang] = {str(t): 1000 * rp.run(threshold_decider(t), need=1).metrics(pos, w)["false"] / w.n
                                      for t in FIXED}
     return out
-
-
-def _oracle(cluster: np.ndarray):
-    def decide(i, cands, st):
-        for j, _ in cands:
-            if cluster[j] == cluster[i]:
-                return j
-        return None
-    return decide
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -4,7 +4,7 @@ non-Latin languages, common function words for the Latin-script ones.
 Used to tell whether a request and a cached question are in the same language: a cached answer in
 Spanish is not the answer to the same question asked in German, whatever the two embeddings say
 (docs/multilingual.md, "Across languages"). The detector says ``None`` rather than guess: two
-questions count as in different languages only when both are detected, and differ.
+questions count as in different languages only when their scripts differ, or both are detected and differ.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ _TOKEN = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
 # (sorted: the search stops at the first range above the letter)
 _RANGES = ((0x0041, 0x024F, "LATIN"), (0x0370, 0x03FF, "GREEK"), (0x0400, 0x052F, "CYRILLIC"),
            (0x0590, 0x05FF, "HEBREW"), (0x0600, 0x06FF, "ARABIC"), (0x0900, 0x097F, "DEVANAGARI"),
-           (0x0E00, 0x0E7F, "THAI"), (0x1100, 0x11FF, "HANGUL"), (0x1E00, 0x1EFF, "LATIN"), (0x3040, 0x30FF, "KANA"), (0x3130, 0x318F, "HANGUL"), (0x3400, 0x4DBF, "HAN"), (0x4E00, 0x9FFF, "HAN"),
-           (0xAC00, 0xD7AF, "HANGUL"), (0xF900, 0xFAFF, "HAN"), (0x20000, 0x2FA1F, "HAN"))
+           (0x0E00, 0x0E7F, "THAI"), (0x1100, 0x11FF, "HANGUL"), (0x1E00, 0x1EFF, "LATIN"),
+           (0x3040, 0x30FF, "KANA"), (0x3130, 0x318F, "HANGUL"), (0x3400, 0x4DBF, "HAN"),
+           (0x4E00, 0x9FFF, "HAN"), (0xAC00, 0xD7AF, "HANGUL"), (0xF900, 0xFAFF, "HAN"),
+           (0x20000, 0x2FA1F, "HAN"))
 
 
 def _script(ch: str) -> str | None:
@@ -86,12 +88,8 @@ def script(text: str) -> str | None:
     return "latin"
 
 
-def detect(text: str) -> str | None:
-    """ISO 639-1 code of ``text``'s language, or None when it cannot tell (no letters, or a Latin-script
-    text without a clear vote among the languages it knows)."""
-    s = script(text)
-    if s != "latin":
-        return s
+def _latin_language(text: str) -> str | None:
+    """The vote among the Latin-script languages (``text`` known to be in Latin script)."""
     votes = dict.fromkeys(_WORDS, 0.0)
     lower = text.lower()
     for tok in _TOKEN.findall(lower):
@@ -108,6 +106,13 @@ def detect(text: str) -> str | None:
     return best if top >= 1.0 and top > second else None
 
 
+def detect(text: str) -> str | None:
+    """ISO 639-1 code of ``text``'s language, or None when it cannot tell (no letters, or a Latin-script
+    text without a clear vote among the languages it knows)."""
+    s = script(text)
+    return _latin_language(text) if s == "latin" else s
+
+
 def different_languages(a: str, b: str) -> bool:
     """True when the two texts are in different scripts, or both are detected and their languages
     differ. An undetected Latin-script text is never "different" from another Latin-script one."""
@@ -116,5 +121,7 @@ def different_languages(a: str, b: str) -> bool:
         return False
     if sa != sb:
         return True
-    la, lb = detect(a), detect(b)
+    if sa != "latin":
+        return False  # one script that names one language
+    la, lb = _latin_language(a), _latin_language(b)
     return la is not None and lb is not None and la != lb

@@ -2,8 +2,8 @@
 hit (A), augment (C) or forward (B). The policy decides on semantic hits; a policy that fails at run
 time fails open (B) like any component. The live guard (``velo_proxy.live_guard``) has the last word
 on A: a hit whose score is below its floor is forwarded. A hit cached in another language than the
-request's is augmented (C) or forwarded, never served as is (``VELO_CROSS_LANGUAGE``). A forwarded request with a close candidate
-is marked as a near miss, for the off-path review."""
+request's is augmented (C) or forwarded, never served as is (``VELO_CROSS_LANGUAGE``). A forwarded
+request with a close candidate is marked as a near miss, for the off-path review."""
 
 from __future__ import annotations
 
