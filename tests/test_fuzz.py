@@ -201,7 +201,8 @@ def check_answer(status: int, headers: dict[str, str], reply: bytes) -> str | No
     else:
         completion = json.loads(reply)
         assert completion["object"] == "chat.completion" and completion["choices"], completion
-    if headers["x-velo-action"] == "B" and headers.get("x-velo-entry"):
+    # forwarded answers are stored, the augmented ones (C: e.g. a hit cached in another language) too
+    if headers["x-velo-action"] in ("B", "C") and headers.get("x-velo-entry"):
         return headers["x-velo-entry"]
     return None
 
