@@ -804,11 +804,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----- report ---------------------------------------------------------------------------------------------------------
 
+def _floor_ratio(r: dict[str, Any], result: dict[str, Any]) -> float | None:
+    hit, floor = r["cases"]["semantic hit"].get(1, {}).get("p50_ms"), (result.get("model_floor") or {}).get("floor_p50_ms")
+    return hit / floor if hit and floor else None
+
+
+# issue #12's targets with the verifier on: (label, measured(config result, whole result), bound; < 0: at least)
 TARGETS = [
-    ("semantic hit p50 ≤ 15 ms at c=8", lambda r: r["cases"]["semantic hit"].get(8, {}).get("p50_ms"), 15.0),
-    ("semantic hit p99 ≤ 50 ms at c=8", lambda r: r["cases"]["semantic hit"].get(8, {}).get("p99_ms"), 50.0),
-    ("≥ 150 hits/s at c=32", lambda r: r["cases"]["semantic hit"].get(32, {}).get("rps"), -150.0),
-    ("miss overhead p50 ≤ 20 ms (c=8)", lambda r: r["cases"]["miss"].get(8, {}).get("overhead_p50_ms"), 20.0),
+    ("verified semantic hit p50 ≤ 10 ms at c=1", lambda r, res: r["cases"]["semantic hit"].get(1, {}).get("p50_ms"), 10.0),
+    ("semantic hit p50 at c=1 ≤ 1.3 × the model floor", _floor_ratio, 1.3),
+    ("≥ 200 hits/s at c=32", lambda r, res: r["cases"]["semantic hit"].get(32, {}).get("rps"), -200.0),
+    ("exact hit p99 ≤ 5 ms at c=1", lambda r, res: r["cases"]["exact hit"].get(1, {}).get("p99_ms"), 5.0),
+    ("miss overhead p50 ≤ 20 ms (c=8)", lambda r, res: r["cases"]["miss"].get(8, {}).get("overhead_p50_ms"), 20.0),
 ]
 
 
@@ -930,6 +937,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
                          "", f"{x['errors']} errors" if x["errors"] else ""])
     lines.append(md_table(["config", "case", "c", "requests", "p50 ms", "p95 ms", "p99 ms", "req/s",
                            "miss overhead p50 / p99 ms", "what the proxy did"], rows))
+    lines.append("\nPercentiles are wrk's, which corrects for coordinated omission: one request that stalls for "
+                 "100 ms at c=1 also counts as the ~100 requests a client at the run's mean rate would have sent "
+                 "meanwhile, so a handful of stalls shows in the p99 (the slowest single request of each run is "
+                 "`max_ms` in latency.json).\n")
     brow = []
     for name, r in result["configs"].items():
         for case in ("semantic hit", "exact hit", "miss"):
@@ -957,7 +968,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
     trows = []
     for name, r in result["configs"].items():
         for label, get, bound in TARGETS:
-            v = get(r)
+            v = get(r, result)
             if v is None:
                 continue
             ok = v >= -bound if bound < 0 else v <= bound

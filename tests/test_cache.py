@@ -3,6 +3,7 @@ the official openai SDK. Policy: the static threshold (the learned one has its o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -103,6 +104,27 @@ async def test_streamed_answer_is_cached_once_complete(cache_proxy, upstream_req
     assert cached.headers["x-velo-action"] == "exact"
     assert cached.parse().choices[0].message.content == streamed
     assert len(upstream_requests) == 1
+
+
+async def test_concurrent_hits_count_every_use(cache_proxy, upstream_requests):
+    """Uses of concurrent requests are written in batches (one store transaction each): none is lost or
+    counted twice, and the store never falls behind into timeouts."""
+    question = "Which planet has the most moons?"
+    _, first = ask(cache_proxy, question)
+    settle(cache_proxy)
+    async with openai.AsyncOpenAI(base_url=f"{cache_proxy.url}/v1", api_key="k", max_retries=0) as aclient:
+        async def one():
+            raw = await aclient.chat.completions.with_raw_response.create(
+                model="fake-model", messages=[{"role": "user", "content": question}])
+            return raw.headers["x-velo-action"]
+
+        actions = await asyncio.gather(*[one() for _ in range(120)])
+    assert actions == ["exact"] * 120 and len(upstream_requests) == 1
+    settle(cache_proxy)
+    entry = httpx.get(f"{cache_proxy.url}/admin/entries/{first['x-velo-entry']}",
+                      headers={"authorization": f"Bearer {ADMIN}"}).json()
+    assert entry["use_count"] == 120
+    assert 'component="store"' not in httpx.get(f"{cache_proxy.url}/metrics").text
 
 
 def test_broken_stream_is_not_cached(cache_proxy, upstream_requests):

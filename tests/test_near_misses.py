@@ -156,3 +156,34 @@ def test_the_learned_policy_is_verified_too(make_proxy, embedder_dir, verifier_d
     results = run_pairs(server)
     served = [(p["kind"], p["asked"]) for p, action, _ in results["near"] if action == "A"]
     assert not served, f"near misses served by the learned policy: {served}"
+
+
+def test_the_requests_own_question_is_served_without_the_verifier(make_proxy, embedder_dir, verifier_dir):
+    """The same question in the same scope, asked with other answer-shaping parameters (so the exact tier
+    misses) or spelled with other case and spacing: its cached answer is served at the default bound,
+    which serves no *different* question, and without a verifier call (the cross-encoder, trained on
+    distinct pairs, scores identical texts anywhere from 0.06 to 0.93). A one-word change still is not."""
+    server = make_proxy(policy="verified", admin_key=ADMIN)  # default bound: no calibrated threshold holds
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0,
+                           default_headers={"x-velo-tenant": "t"})
+
+    def chat(question: str, tenant: str = "t", **params):
+        raw = client.chat.completions.with_raw_response.create(
+            model="fake-model", messages=[{"role": "user", "content": question}],
+            extra_headers={"x-velo-tenant": tenant}, **params)
+        return raw.parse().choices[0].message.content, raw.headers
+
+    first, h = chat("Can I take ibuprofen with alcohol?", temperature=0)
+    assert h["x-velo-action"] == "B"
+    settle(server)
+    again, h = chat("  can I take IBUPROFEN   with alcohol?", temperature=0.3, seed=7)
+    assert h["x-velo-action"] == "A" and again == first
+    assert h["x-velo-verifier"] == "" and float(h["x-velo-similarity"]) > 0.99
+    _, h = chat("Can I take ibuprofen without alcohol?", temperature=0.3)
+    assert h["x-velo-action"] == "B"
+    _, h = chat("Can I take ibuprofen with alcohol?", tenant="other", temperature=0.3)
+    assert h["x-velo-action"] == "B"  # another tenant's scope
+    settle(server)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "velo_same_question_hits_total 1.0" in metrics
+    assert "velo_verifier_pairs_total 0.0" in metrics

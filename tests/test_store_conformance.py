@@ -167,6 +167,22 @@ def test_record_use_follows_eq5(store, rng):
     assert store.record_use(uuid.uuid4().hex) is None
 
 
+def test_record_uses_writes_a_batch_in_order(store, rng):
+    """The request path writes concurrent uses in one batch: the same values as one by one, in order,
+    unknown ids skipped."""
+    a, b = make("s", unit(rng), 0), make("s", unit(rng), 1)
+    store.add([a, b])
+    uses = [(a.id, 1.0), (b.id, 0.0), (uuid.uuid4().hex, 1.0), (a.id, 0.0), (a.id, 0.5)]
+    store.record_uses(uses)
+    for entry, outcomes in ((a, (1.0, 0.0, 0.5)), (b, (0.0,))):
+        value, count = INITIAL_VALUE, 0
+        for outcome in outcomes:
+            value, count = update_cache_value(value, count, outcome)
+        got = store.get(entry.id)
+        assert (got.use_count, got.cache_value) == (count, pytest.approx(value, abs=1e-9))
+    store.record_uses([])  # nothing to write
+
+
 def test_delete(store, rng):
     vecs = unit(rng, 4)
     entries = [make("s", v, i) for i, v in enumerate(vecs)]
@@ -308,6 +324,7 @@ def test_embedded_persists_across_reopen(tmp_path, rng):
     with EmbeddedStore(path, dim=DIM) as s:
         s.add(entries)
         s.record_use(entries[3].id, outcome=1.0)
+        s.record_uses([(entries[6].id, 1.0), (entries[6].id, 0.0)])
         s.delete(entries[4].id)
         q = unit(rng)
         before = [(h.entry.id, h.similarity) for h in s.search("a", q, limit=5, now=T0)]
@@ -319,6 +336,7 @@ def test_embedded_persists_across_reopen(tmp_path, rng):
         assert [(h.entry.id, h.similarity) for h in s2.search("a", q, limit=5, now=T0)] == before
         assert s2.get(entries[3].id).use_count == 1
         assert s2.get(entries[3].id).cache_value == pytest.approx(update_cache_value(0.0, 0, 1.0)[0])
+        assert s2.get(entries[6].id).use_count == 2  # a batch of uses is durable too
         assert s2.get(entries[4].id) is None
         assert s2.get(entries[5].id).answer == entries[5].answer
     with pytest.raises(ValueError, match="dim"):

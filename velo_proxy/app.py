@@ -4,6 +4,7 @@ store, Redis) are created in the lifespan and closed there; nothing lives at mod
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -73,9 +74,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             auth=Authenticator(api_keys=[k.get_secret_value() for k in settings.api_keys],
                                admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None),
             engine=ChatEngine(settings=settings, services=services))
+        if settings.gc_freeze:
+            # what start-up built (litellm, the models, the stores: ~400k objects) lives as long as the
+            # process; a full collection scanning it all stalled every request for 100-200 ms about
+            # once a second under load (docs/benchmarks.md, speed). Frozen, it is never scanned.
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
+            if settings.gc_freeze:
+                gc.unfreeze()  # collectable again once the app is gone (several apps share a test process)
             await services.aclose()
 
     app = FastAPI(title="VELO proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -36,6 +36,10 @@ class Metrics:
             "velo_verifier_outcomes", "Verified lookups by outcome: served (a candidate passed), rejected "
             "(candidates, none passed), no_candidate (none above the cosine floor), failed (verifier slow or "
             "down: forwarded), vetoed (the learned policy chose A, the verifier said no).", ["outcome"], registry=r)
+        self.same_question_hits = Counter(
+            "velo_same_question_hits", "Semantic hits whose cached question is the request's own (same text up "
+            "to case and spacing, other parameters): served without the verifier or a policy decision.",
+            registry=r)
         # the learning loop (velo_proxy.judging, velo_proxy.live_guard)
         self.judge_calls = Counter(
             "velo_judge_calls", "Judgements by judge, kind (shadow: a served hit; near_miss: a forwarded close "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -32,6 +33,19 @@ def content_text(content: Any) -> str | None:
             return None
         parts.append(part["text"])
     return "\n".join(parts)
+
+
+def normal_question(text: str) -> str:
+    """The question as ``same_question`` compares it: NFKC, case-folded, runs of white space as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def same_question(a: str, b: str) -> bool:
+    """Whether two questions are the same text up to case, spacing and Unicode compatibility forms.
+    Within one scope such a hit is the request's own question asked with other parameters (or on another
+    replica): its answer needs no judgement, the cross-encoder is for *different* texts (trained on
+    distinct pairs, it scores identical ones anywhere between 0.06 and 0.93: benchmarks/verifier_identical.py)."""
+    return a == b or normal_question(a) == normal_question(b)
 
 
 def _digest(obj: Any) -> str:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable
 
+from velo_proxy.batching import MicroBatcher
 from velo_proxy.exact import ExactTier, LocalExactTier, RedisExactTier
 from velo_proxy.experience import ExperienceLog
 from velo_proxy.labels import FileLabelStore, LabelStore, RedisLabelStore
@@ -23,6 +24,8 @@ from velo_proxy.store.base import CacheStore
 from velo_proxy.upstream import Upstream
 
 log = logging.getLogger("velo_proxy.services")
+#: Use records written in one store transaction at most.
+USE_BATCH = 512
 
 __all__ = ["Answered", "Breaker", "RecentResponses", "Services"]
 
@@ -75,6 +78,7 @@ class Services:
     embedder: Any = None  # velo_proxy.embedder.Embedder
     verifier: Any = None  # velo_proxy.verifier.PairVerifier
     store: CacheStore | None = None
+    uses: MicroBatcher[tuple[str, float]] | None = None  # the store's use records, written in batches
     redis: Any = None  # redis.asyncio.Redis
     experience: ExperienceLog | None = None
     labels: LabelStore | None = None  # judged pairs (Redis stream, else JSONL in the data dir)
@@ -152,6 +156,7 @@ class Services:
         try:
             self.store = await asyncio.to_thread(open_store, self.settings, dim=self.embedder.dim,
                                                    embedder_id=self.embedder.id)
+            self.uses = MicroBatcher(self._write_uses, max_items=USE_BATCH, wait_s=0.0, name="uses")
         except Exception as exc:  # noqa: BLE001
             self.load_errors["store"] = f"{type(exc).__name__}: {exc}"
             log.error("cache store unavailable, semantic cache off: %s", exc)
@@ -191,10 +196,21 @@ class Services:
     def semantic_ready(self) -> bool:
         return self.embedder is not None and self.store is not None
 
+    def _write_uses(self, uses: list[tuple[str, float]]) -> Any:
+        """The use records of concurrent requests (every cached answer served counts one), in one store
+        write: while one batch is written, the next gathers (``MicroBatcher``)."""
+        import numpy as np
+
+        assert self.store is not None
+        self.store.record_uses(uses)
+        return np.zeros(len(uses))
+
     async def aclose(self) -> None:
         await self.policies.aclose()
         if self.background:
             await asyncio.wait(list(self.background), timeout=self.settings.shutdown_drain_s)
+        if self.uses is not None:
+            await self.uses.aclose()
         await self.upstream.aclose()
         if self.embedder is not None:
             await self.embedder.aclose()

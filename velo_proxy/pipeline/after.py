@@ -67,7 +67,12 @@ class AfterResponse:
         choice = ctx.trace.choice
         if choice.entry is not None:
             self.services.spawn(self.components.record_use(choice.entry))
-        if choice.action == "A" and choice.hit is not None:
+        if choice.action == "A" and choice.hit is not None and choice.same_question:
+            # the request's own question: its exact-tier copy is a plain one, and there is no hit to judge
+            assert ctx.key is not None
+            self.services.spawn(self.components.exact_set(ctx.key, choice.entry, choice.hit.entry.answer,
+                                                          ttl_s=self.settings.cache_ttl_s))
+        elif choice.action == "A" and choice.hit is not None:
             assert ctx.key is not None
             policy = ctx.trace.policy
             via = {"policy": policy.version, "similarity": choice.hit.similarity,

@@ -81,9 +81,10 @@ class CacheComponents:
         return bool(added)
 
     async def record_use(self, entry_id: str, *, outcome: float = 1.0) -> None:
-        store = self.services.store
-        if store is not None:
-            await self.guard.call("store", lambda: asyncio.to_thread(store.record_use, entry_id, outcome=outcome),
+        """One use of an entry, written with the concurrent requests' uses in one batch."""
+        uses = self.services.uses
+        if self.services.store is not None and uses is not None:
+            await self.guard.call("store", lambda: uses.submit([(entry_id, outcome)]),
                                   deadline_s=self.deadlines.store_write)
 
     async def delete(self, entry_id: str) -> None:

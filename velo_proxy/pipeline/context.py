@@ -42,6 +42,7 @@ class Choice:
     entry: str | None = None  # the cache entry whose answer is served or used as context (exact, A, C)
     similarity: float | None = None  # of the served hit (exact: 1), else of the best hit seen
     verifier_score: float | None = None  # the pair verifier's score of the served (or best) candidate
+    same_question: bool = False  # A: the hit's question is the request's own (served without a policy decision)
 
     @property
     def from_cache(self) -> bool:

@@ -1,7 +1,9 @@
 """Decide: turn what the lookup found into one ``Choice``: serve the exact copy, serve a semantic
 hit (A), augment (C) or forward (B). The policy decides on semantic hits; a policy that fails at run
 time fails open (B) like any component. The live guard (``velo_proxy.live_guard``) has the last word
-on A: a hit whose score is below its floor is forwarded. A hit cached in another language than the
+on A: a hit whose score is below its floor is forwarded. A hit whose question is the request's own
+(the same text in the same scope, asked with other parameters) is served without a decision: it is
+as sure as the exact tier. A hit cached in another language than the
 request's is augmented (C) or forwarded, never served as is (``VELO_CROSS_LANGUAGE``). A forwarded
 request with a close candidate is marked as a near miss, for the off-path review."""
 
@@ -67,6 +69,11 @@ class Decide:
                           verifier_score=via.get("verifier_score"))
         if found.hits is None or ctx.vector is None:
             return Choice("B")
+        if found.same_question is not None:
+            hit = found.hits[found.same_question]
+            self.metrics.same_question_hits.inc()
+            return Choice("A", answer=hit.entry.answer, hit=hit, entry=hit.entry.id, similarity=hit.similarity,
+                          same_question=True)
         policy, hits = ctx.trace.policy, found.hits
         decision = self.guard.run("policy", lambda: policy.decide(ctx.vector, hits, now=time.time(),
                                                                   scores=found.scores))

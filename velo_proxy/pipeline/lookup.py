@@ -1,7 +1,8 @@
 """Lookup: what the cache has for a request. The exact tier first (a verbatim repeat, checked
 against the store so a deleted entry's copy is not served), then the semantic tier: embed the
 question, search the top-P hits in its scope, and have the pair verifier score the hits the policy
-wants verified, in one batched call."""
+wants verified, in one batched call. A hit whose question is the request's own (``scope.same_question``:
+the same text asked with other parameters, or on another replica) needs no verification."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from velo_proxy.live_guard import LiveGuard
 from velo_proxy.pipeline.components import CacheComponents
 from velo_proxy.pipeline.context import RequestContext
+from velo_proxy.scope import same_question
 from velo_proxy.store.base import Hit
 
 
@@ -22,6 +24,7 @@ class Found:
     exact: dict[str, Any] | None = None  # a valid exact-tier copy: {"entry": id | None, "answer": {...}}
     hits: list[Hit] | None = None  # the scope's nearest entries, best first ([]: none; None: no search)
     scores: dict[int, float] | None = None  # verifier scores by hit index ({}: none to verify; None: failed)
+    same_question: int | None = None  # index of a hit whose question is the request's own (then nothing is verified)
 
 
 class Lookup:
@@ -45,6 +48,9 @@ class Lookup:
         hits = await self.components.search(key.scope, ctx.vector, limit=ctx.trace.policy.top_p)
         if hits is None:
             return Found()
+        same = next((i for i, h in enumerate(hits) if same_question(key.question, h.entry.question)), None)
+        if same is not None:
+            return Found(hits=hits, scores={}, same_question=same)
         return Found(hits=hits, scores=await self._verify(ctx, hits) if hits else None)
 
     def _clears_floor(self, cached: dict[str, Any], scope: str) -> bool:

@@ -95,6 +95,11 @@ class CacheStore(abc.ABC):
     def record_use(self, entry_id: str, *, outcome: float = 1.0) -> CacheEntry | None:
         """Count one use of an entry and fold ``outcome`` (in [0, 1]) into its cache value (Eq. 5)."""
 
+    def record_uses(self, uses: Sequence[tuple[str, float]]) -> None:
+        """``record_use`` for each ``(entry_id, outcome)`` in order (a store may write them at once)."""
+        for entry_id, outcome in uses:
+            self.record_use(entry_id, outcome=outcome)
+
     @abc.abstractmethod
     def delete(self, entry_id: str) -> bool: ...
 
