@@ -90,8 +90,11 @@ def batches(pairs: list[V.Pair], tokenizer, batch_size: int, rng: random.Random)
                np.array([pairs[i].label for i in idx], dtype=np.float32))
 
 
-def train(cfg: VerifierConfig, pairs: list[V.Pair], held: list[V.Pair], *, progress: bool = True):
-    """Fine-tune; returns the torch module (eval mode) and the training curve."""
+def train(cfg: VerifierConfig, pairs: list[V.Pair], held: list[V.Pair], *, progress: bool = True,
+          model=None, tokenizer=None):
+    """Fine-tune; returns the torch module (eval mode) and the training curve. ``model`` and ``tokenizer``
+    (padding and truncation set): another base than MiniLM (``policy.verifier_multilingual``); the module
+    needs ``bert.embeddings``, ``bert.encoder.layer``, ``head`` and ``logits(ids, mask, types)``."""
     import torch
     from tokenizers import Tokenizer
     from tqdm import tqdm
@@ -102,13 +105,15 @@ def train(cfg: VerifierConfig, pairs: list[V.Pair], held: list[V.Pair], *, progr
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
-    tok = Tokenizer.from_file(str(source_model_dir() / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    tok.enable_truncation(max_length=cfg.max_length, strategy="longest_first")
-
-    model = build_torch_module(None)
-    model.bert.set_attn_implementation("sdpa") if hasattr(model.bert, "set_attn_implementation") else None
+    tok = tokenizer
+    if tok is None:
+        tok = Tokenizer.from_file(str(source_model_dir() / "tokenizer.json"))
+        tok.no_padding()
+        tok.enable_padding(pad_id=0, pad_token="[PAD]")
+        tok.enable_truncation(max_length=cfg.max_length, strategy="longest_first")
+    if model is None:
+        model = build_torch_module(None)
+        model.bert.set_attn_implementation("sdpa") if hasattr(model.bert, "set_attn_implementation") else None
     for p in model.bert.embeddings.parameters():
         p.requires_grad_(False)
     for layer in model.bert.encoder.layer[: cfg.frozen_layers]:

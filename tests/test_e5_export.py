@@ -208,3 +208,22 @@ def test_the_proxy_selects_e5_by_name_and_refuses_a_store_of_another_embedder(ex
     assert settle(again)["store"]["entries"] == 1  # nothing lost
     _, headers = ask(again, "How do I convert a string to an integer?")  # the in-process exact tier is gone
     assert headers["x-velo-action"] == "A" and float(headers["x-velo-similarity"]) > 0.999
+
+
+def test_the_multilingual_verifiers_torch_base_computes_what_the_exported_graph_does(exported, xquad):
+    """policy.verifier_multilingual fine-tunes e5 in torch: its encoder, built from the same 4-bit tensors,
+    must be the exported embedder's computation (mean-pooled, the same unit vectors)."""
+    import torch
+
+    from policy.verifier_multilingual import build_e5_cross_encoder, check_against_the_embedder
+
+    model, tok = build_e5_cross_encoder()
+    model.eval()
+    texts = [row[f"question_{lang}"] for row in xquad[:4] for lang in LANGS]
+    # the default q4 export multiplies with int8 activations (MatMulNBits accuracy level 4): 1 - cos ~1e-4
+    assert check_against_the_embedder(model, tok, texts, onnx_dir=exported) < 1e-3
+    enc = tok.encode_batch([("How old is the universe?", "¿Qué edad tiene el universo?")])[0]
+    assert enc.ids[0] == tok.token_to_id("<s>") and enc.ids.count(tok.token_to_id("</s>")) == 3  # <s> A </s></s> B </s>
+    with torch.no_grad():
+        score = model(torch.tensor([enc.ids]), torch.tensor([enc.attention_mask]))
+    assert score.shape == (1,) and 0.0 < float(score[0]) < 1.0
