@@ -79,6 +79,33 @@ async def test_guard_breaker_opens_after_consecutive_failures_and_skips_the_comp
     assert guard.breaker.allows("store")
 
 
+async def test_bookkeeping_failures_are_counted_but_never_open_the_breaker(metrics):
+    """A use record that times out (background bookkeeping, under load) is counted and logged, but it must
+    not switch off the request path's searches by opening the store's breaker; nor does its success
+    reset the count of real failures."""
+    guard = Guard(breaker=Breaker(cooldown_s=60.0, threshold=2), metrics=metrics)
+
+    async def slow() -> None:
+        await asyncio.sleep(1.0)
+
+    async def fine() -> str:
+        return "ok"
+
+    for _ in range(5):
+        assert await guard.call("store", slow, deadline_s=0.01, bookkeeping=True) is None
+    assert failures(metrics, "store", "timeout") == 5
+    assert guard.breaker.allows("store")
+    assert await guard.call("store", fine, deadline_s=1.0) == "ok"  # a search still runs
+
+    async def broken() -> None:
+        raise RuntimeError("disk gone")
+
+    await guard.call("store", broken, deadline_s=1.0)  # one real failure in a row
+    assert await guard.call("store", fine, deadline_s=1.0, bookkeeping=True) == "ok"  # does not reset the count
+    await guard.call("store", broken, deadline_s=1.0)  # so the second real one opens it
+    assert not guard.breaker.allows("store")
+
+
 def test_guard_run_and_probes(metrics):
     guard = Guard(breaker=Breaker(cooldown_s=60.0, threshold=1), metrics=metrics)
 

@@ -85,7 +85,7 @@ class CacheComponents:
         uses = self.services.uses
         if self.services.store is not None and uses is not None:
             await self.guard.call("store", lambda: uses.submit([(entry_id, outcome)]),
-                                  deadline_s=self.deadlines.store_write)
+                                  deadline_s=self.deadlines.store_write, bookkeeping=True)
 
     async def delete(self, entry_id: str) -> None:
         store = self.services.store

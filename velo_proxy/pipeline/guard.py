@@ -75,20 +75,24 @@ class Guard:
         self.breaker = breaker
         self.metrics = metrics
 
-    async def call(self, component: str, call: Callable[[], Awaitable[T]], *, deadline_s: float) -> T | None:
+    async def call(self, component: str, call: Callable[[], Awaitable[T]], *, deadline_s: float,
+                   bookkeeping: bool = False) -> T | None:
         """``await call()`` within ``deadline_s``; None when the breaker is open, the deadline passes
-        or the call raises (counted towards the breaker)."""
+        or the call raises (counted towards the breaker). A ``bookkeeping`` call (background work no
+        request waits for: use counts) is counted and logged when it fails but moves the breaker neither
+        way: a slow use record must not switch off the request path's searches."""
         if not self._allowed(component):
             return None
         try:
             result = await asyncio.wait_for(call(), deadline_s)
         except asyncio.TimeoutError:
-            self.failed(component, "timeout")
+            self.failed(component, "timeout", trip=not bookkeeping)
             return None
         except Exception as exc:  # noqa: BLE001 - the cache never fails a request
-            self.failed(component, type(exc).__name__, exc)
+            self.failed(component, type(exc).__name__, exc, trip=not bookkeeping)
             return None
-        self.breaker.succeeded(component)
+        if not bookkeeping:
+            self.breaker.succeeded(component)
         return result
 
     def run(self, component: str, call: Callable[[], T], *, probe: bool = False) -> T | None:
@@ -107,9 +111,10 @@ class Guard:
             self.breaker.succeeded(component)
         return result
 
-    def failed(self, component: str, reason: str, exc: BaseException | None = None) -> None:
+    def failed(self, component: str, reason: str, exc: BaseException | None = None, *, trip: bool = True) -> None:
         self.metrics.failures.labels(component, reason).inc()
-        self.breaker.trip(component)
+        if trip:
+            self.breaker.trip(component)
         log.warning("%s failed (%s), failing open%s", component, reason, f": {exc}" if exc else "")
 
     def _allowed(self, component: str) -> bool:
