@@ -11,6 +11,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable
 
+import numpy as np
+
 from velo_proxy.batching import MicroBatcher
 from velo_proxy.exact import ExactTier, LocalExactTier, RedisExactTier
 from velo_proxy.experience import ExperienceLog
@@ -199,8 +201,6 @@ class Services:
     def _write_uses(self, uses: list[tuple[str, float]]) -> Any:
         """The use records of concurrent requests (every cached answer served counts one), in one store
         write: while one batch is written, the next gathers (``MicroBatcher``)."""
-        import numpy as np
-
         assert self.store is not None
         self.store.record_uses(uses)
         return np.zeros(len(uses))

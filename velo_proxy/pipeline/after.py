@@ -67,20 +67,18 @@ class AfterResponse:
         choice = ctx.trace.choice
         if choice.entry is not None:
             self.services.spawn(self.components.record_use(choice.entry))
-        if choice.action == "A" and choice.hit is not None and choice.same_question:
-            # the request's own question: its exact-tier copy is a plain one, and there is no hit to judge
-            assert ctx.key is not None
-            self.services.spawn(self.components.exact_set(ctx.key, choice.entry, choice.hit.entry.answer,
-                                                          ttl_s=self.settings.cache_ttl_s))
-        elif choice.action == "A" and choice.hit is not None:
+        if choice.action == "A" and choice.hit is not None:
             assert ctx.key is not None
             policy = ctx.trace.policy
-            via = {"policy": policy.version, "similarity": choice.hit.similarity,
-                   "verifier_score": choice.verifier_score,
-                   "score": guard_score(policy, choice.hit, choice.verifier_score)}
+            # the request's own question (same_question) was no decision: its copy is a plain one, like
+            # the exact tier's, and there is no hit to judge
+            via = None if choice.same_question else {
+                "policy": policy.version, "similarity": choice.hit.similarity, "verifier_score": choice.verifier_score,
+                "score": guard_score(policy, choice.hit, choice.verifier_score)}
             self.services.spawn(self.components.exact_set(ctx.key, choice.entry, choice.hit.entry.answer,
                                                           ttl_s=self.settings.cache_ttl_s, via=via))
-            self.learning.after_hit(ctx)
+            if not choice.same_question:
+                self.learning.after_hit(ctx)
 
     # ----- once the answer is complete ------------------------------------------------------------
     def finished(self, ctx: RequestContext, completion_id: str | None) -> None:
