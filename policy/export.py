@@ -3,7 +3,7 @@
 Inputs: request_embedding [B, D], hit_embeddings [B, P, D], hit_features [B, P, K], hit_mask [B, P]
 (float32, mask 1 = real hit); output: action_probs [B, 3] in the order A, B, C.
 
-metadata_props: velo_feature_version, velo_embedder_id, velo_dim, velo_top_p, velo_k,
+metadata_props: velo_feature_version, velo_embedder_id, velo_verifier_sha256, velo_dim, velo_top_p, velo_k,
 velo_hit_features (JSON list of names), velo_policy_version, velo_calibration (JSON, see docs/policy.md).
 
     python -m policy.export runs/lrs-w0.1.pt --calibration runs/calibration.json --out velo_proxy/policies/lrs-default.onnx
@@ -47,8 +47,11 @@ def example_inputs(dim: int, top_p: int, batch: int = 4, seed: int = 0) -> dict[
 
 
 def export_onnx(actor: torch.nn.Module, path: Path, *, dim: int, top_p: int, embedder_id: str,
-                policy_version: str, calibration: dict, extra: dict | None = None) -> dict[str, str]:
-    """Write the ONNX actor with metadata; returns the metadata dict."""
+                policy_version: str, calibration: dict, extra: dict | None = None,
+                verifier_sha256: str | None = None) -> dict[str, str]:
+    """Write the ONNX actor with metadata; returns the metadata dict. ``verifier_sha256``: the weights of
+    the pair verifier whose scores the actor was trained on (its hit features); the proxy refuses the
+    policy beside another verifier."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = ActorProbs(actor).eval()
@@ -72,6 +75,8 @@ def export_onnx(actor: torch.nn.Module, path: Path, *, dim: int, top_p: int, emb
         "velo_policy_version": policy_version,
         "velo_calibration": json.dumps(calibration, sort_keys=True),
     }
+    if verifier_sha256:
+        meta["velo_verifier_sha256"] = verifier_sha256
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     del m.metadata_props[:]
@@ -109,7 +114,7 @@ def main(argv=None) -> None:
     actor, m = load_actor(a.checkpoint)
     cal = json.loads(a.calibration.read_text())
     export_onnx(actor, a.out, dim=m["dim"], top_p=m["top_p"], embedder_id=m["embedder_id"],
-                policy_version=a.policy_version, calibration=cal)
+                policy_version=a.policy_version, calibration=cal, verifier_sha256=m.get("verifier_sha256"))
     print(f"wrote {a.out}; parity max abs diff {parity(actor, a.out, dim=m['dim'], top_p=m['top_p']):.2e}")
 
 

@@ -73,7 +73,7 @@ def _train_job(args):
 
     from .networks import make_actor  # noqa: F401
     from .sim import SimConfig
-    from .train import TrainConfig, actor_meta, save_actor, train
+    from .train import TrainConfig, actor_meta, save_actor, train, verifier_sha256_of
 
     with open(data_path, "rb") as f:
         data = pickle.load(f)
@@ -83,7 +83,8 @@ def _train_job(args):
     t0 = time.time()
     actor, _ = train(data, cfg, log_csv=out / f"{method}-w{w:g}.csv", progress=True)
     save_actor(actor, out / f"{method}-w{w:g}.pt", actor_meta(method, dim=data.dim, top_p=cfg.sim.top_p,
-                                                              embedder_id=data.embedder_id, config=asdict(cfg)))
+                                                              embedder_id=data.embedder_id, config=asdict(cfg),
+                                                              verifier_sha256=verifier_sha256_of(data)))
     return method, w, time.time() - t0
 
 
@@ -185,6 +186,7 @@ def main(argv=None) -> None:
     from .data import DataSpec, cache_dir
     from .evaluate import evaluate_seeds
     from .export import export_onnx, parity
+    from .train import verifier_sha256_of
     from .sim import SimConfig
     from .train import load_actor
 
@@ -298,6 +300,7 @@ def main(argv=None) -> None:
     command = "python -m policy.reproduce" + (" --quick" if quick else "")
     meta = export_onnx(actor, onnx_path, dim=data.dim, top_p=base.top_p, embedder_id=data.embedder_id,
                        policy_version=POLICY_VERSION, calibration=calibrations[0.1],
+                       verifier_sha256=verifier_sha256_of(data),
                        extra={"velo_training_command": command, "velo_w": str(0.1)})
     parity_diff = parity(actor, onnx_path, dim=data.dim, top_p=base.top_p)
     res01 = results[(0.1, 3, "nearest", "LRS (δ=0.02)")]

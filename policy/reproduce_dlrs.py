@@ -111,7 +111,7 @@ def run_stage(*, data, data_path: Path, out: Path, tkw: dict, eval_steps: int, j
     from .export import export_onnx, parity
     from .reproduce import EDGES, MODES, SEEDS, _train_job
     from .sim import SimConfig
-    from .train import load_actor
+    from .train import load_actor, verifier_sha256_of
 
     t0 = time.time()
     todo = [m for m in ("lrs", *DIFFUSION) if m in train or not (out / f"{m}-w{W:g}.pt").exists()]
@@ -157,7 +157,8 @@ def run_stage(*, data, data_path: Path, out: Path, tkw: dict, eval_steps: int, j
     for m, a in actors.items():
         path = out / f"{m}-w{W:g}.onnx"
         export_onnx(a, path, dim=data.dim, top_p=base.top_p, embedder_id=data.embedder_id,
-                    policy_version=f"{m}-stage", calibration=calibrations[m])
+                    policy_version=f"{m}-stage", calibration=calibrations[m],
+                    verifier_sha256=verifier_sha256_of(data))
         parities[m] = parity(a, path, dim=data.dim, top_p=base.top_p)
         timing[m] = decision_ms(path, dim=data.dim, top_p=base.top_p)
         say(f"dlrs stage: {m} onnx parity {parities[m]:.1e}, {timing[m]['p50_ms']:.3f} ms/decision p50")

@@ -361,7 +361,7 @@ def run(cfg: RetrainConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, pt_path = Path(tmp) / f"{version}.onnx", Path(tmp) / f"{version}.pt"
         export_onnx(candidate, onnx_path, dim=meta["dim"], top_p=meta["top_p"], embedder_id=meta["embedder_id"],
-                    policy_version=version, calibration=calibration)
+                    policy_version=version, calibration=calibration, verifier_sha256=meta.get("verifier_sha256"))
         report["parity"] = parity(candidate, onnx_path, dim=meta["dim"], top_p=meta["top_p"])
         if report["parity"] > 1e-5:
             report["reason"] = f"export parity {report['parity']:.2e} > 1e-5"

@@ -44,6 +44,12 @@ for _name in ARCH_OPTIONS:
     METHODS[_name] = ("diffusion", True)
 
 
+def verifier_sha256_of(data) -> str | None:
+    """The weights of the verifier whose scores are the dataset's hit features (None: no scores)."""
+    scores = getattr(data, "pair_scores", None)
+    return scores.verifier_key.split(":")[0] if scores is not None else None
+
+
 def actor_meta(method: str, *, dim: int, top_p: int, embedder_id: str, **extra) -> dict:
     """What a checkpoint records to rebuild its actor (``load_actor``)."""
     return {"arch": METHODS[method][0], "arch_options": ARCH_OPTIONS.get(method, {}), "method": method,
@@ -503,7 +509,7 @@ def main(argv=None) -> None:
     actor, _ = train(data, cfg, log_csv=args.out / f"{cfg.method}-w{args.w:g}.csv")
     save_actor(actor, args.out / f"{cfg.method}-w{args.w:g}.pt",
                actor_meta(cfg.method, dim=data.dim, top_p=cfg.sim.top_p, embedder_id=data.embedder_id,
-                          config=asdict(cfg)))
+                          config=asdict(cfg), verifier_sha256=verifier_sha256_of(data)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """A multilingual pair verifier: does one English-trained verifier serve all languages, or does a
 multilingual base trained the same way? (issue #16; measured, not shipped).
 
-    python -m policy.verifier_multilingual --doc            # < 1 h on 2 cores; rewrites a section of docs/multilingual.md
+    python -m policy.verifier_multilingual --doc            # zero-shot, ~11 min on 2 cores; rewrites a section of docs/multilingual.md
+    python -m policy.verifier_multilingual --pawsx-train --english-pairs 0 --calibrate --doc
+                                 # all English pairs + PAWS-X's training rows, calibrated on the English streams (~28 min)
     python -m policy.verifier_multilingual --tiny --out /tmp/vm   # a smoke run
+
+The run directory (``--out``) gets ``result.json`` and the trained weights (``e5-verifier.safetensors``:
+the parameters training changed, float16).
 
 Reads top to bottom:
 
@@ -12,15 +17,21 @@ Reads top to bottom:
    (mask mean pooling, dropout, one logit) and the pair template ``<s> A </s></s> B </s>``.
 2. **Training pairs**: the English verifier's own (``policy.verifier_data.training_pairs``: QQP, PAWS-Wiki,
    STS-B, mined hard negatives, rule-made near misses), capped, plus STS-B train in the ten other
-   languages it has (a score >= 4.6 is the same request, 1.5-3.8 a related but different one). By
-   default no PAWS-X pair is trained on: word-order near misses are taught in English only (PAWS-Wiki),
-   PAWS-X's own zero-shot protocol; ``--pawsx-train-share`` trains on a share of PAWS-X's components in
-   all seven languages and evaluates on the rest.
+   languages it has (a score >= 4.6 is the same request, 1.5-3.8 a related but different one). PAWS-X
+   dev is a translation of PAWS-Wiki dev rows (every English PAWS-X text is a PAWS-Wiki dev text), so
+   its rows follow the English verifier's PAWS-Wiki split (``pawsx_split``): by default none is trained
+   on (word-order near misses taught in English only, PAWS-X's own zero-shot protocol); ``--pawsx-train``
+   adds the rows whose English texts are PAWS-Wiki training texts, in all seven languages. Only rows of
+   PAWS-Wiki's held-out part are measured on, for both verifiers.
 3. **Fine-tune** with the English verifier's loop (``policy.verifier_train.train``: the embeddings and
    the lowest ``frozen_layers`` frozen).
 4. **Measure** both verifiers on the same held-out pairs per language: PAWS-X dev in its seven languages
-   (paraphrase vs same-words near miss) and STS-B dev (never trained on) in the paper's five: ROC AUC,
-   and the share of paraphrases each serves at the score where it serves 2 % of the near misses.
+   (paraphrase vs same-words near miss), STS-B dev (never trained on) in the paper's five and the English
+   verifier's own held-out pairs (QQP and PAWS-Wiki calibration rows): ROC AUC, and the share of
+   paraphrases each serves at the score where it serves 2 % of the near misses.
+5. **Calibrate** (``--calibrate``) the e5 verifier exactly as the English one is calibrated
+   (``policy.verifier_calibrate.calibrate``: the same English stream-shaped workloads, MiniLM retrieval,
+   top-3 above the cosine floor) and set its operating points per δ beside the shipped card's.
 """
 
 from __future__ import annotations
@@ -50,16 +61,18 @@ SECTION = "multilingual-verifier-e5"
 class MultilingualConfig:
     """One multilingual verifier experiment."""
 
-    english_pairs: int = 10000
-    """English training pairs (a random subset of the English verifier's, near-miss templates kept)."""
+    english_pairs: int | None = 10000
+    """English training pairs (a random subset of the English verifier's, near-miss templates kept);
+    None = all of them."""
     sts_per_language: int = 700
     """STS-B train pairs per other language (positives first: they are the scarce ones)."""
     eval_pairs: int = 500
     """Held-out pairs per language and dataset."""
-    pawsx_train_share: float = 0.0
-    """Share of PAWS-X dev rows trained on, in all seven languages (whole connected components of the
-    English file's texts; its rows are translated line by line, so a row index is one pair in every
-    language and no evaluated pair is a translation of a trained one). 0: PAWS-X's zero-shot protocol."""
+    pawsx_train: bool = False
+    """Train on the PAWS-X dev rows whose English texts are PAWS-Wiki training texts of the English
+    verifier, in all seven languages (PAWS-X's rows are translated line by line, so a row index is one
+    pair in every language and no evaluated pair is a translation of a trained one). False: PAWS-X's
+    zero-shot protocol."""
     train: VerifierConfig = field(default_factory=lambda: VerifierConfig(frozen_layers=4, max_length=128))
     """The training run (the English verifier's hyperparameters; more layers of the deeper base frozen)."""
     seed: int = 0
@@ -214,19 +227,25 @@ def pawsx_rows(lang: str) -> list[dict]:
     return [json.loads(line) for line in D._require(D.data_dir() / "pairs" / f"paws-x-dev-{lang}.jsonl").open(encoding="utf-8")]
 
 
-def pawsx_train_rows(cfg: MultilingualConfig) -> set[int]:
-    """Row indices of PAWS-X dev trained on: whole components of the English file, ``pawsx_train_share``."""
-    if cfg.pawsx_train_share <= 0:
-        return set()
-    rows = pawsx_rows("en")
-    comps = V._components(rows)
-    random.Random(cfg.seed + 3).shuffle(comps)
-    out: set[int] = set()
-    for comp in comps:
-        if len(out) >= cfg.pawsx_train_share * len(rows):
-            break
-        out.update(comp)
+def pawsx_split(cfg: MultilingualConfig) -> dict[str, set[int]]:
+    """PAWS-X dev row indices by the part of the English verifier's PAWS-Wiki split (``train``,
+    ``calibration``, ``heldout``) that both English texts of the row fall in; a row whose texts fall in
+    two parts is in none (it would leak one into the other)."""
+    part_of: dict[str, str] = {}
+    for part, rows in V.paws_split(cfg.train.data).items():
+        for r in rows:
+            part_of[r["q1"]] = part_of[r["q2"]] = part
+    out: dict[str, set[int]] = {"train": set(), "calibration": set(), "heldout": set()}
+    for i, r in enumerate(pawsx_rows("en")):
+        a, b = part_of.get(r["q1"].strip()), part_of.get(r["q2"].strip())
+        if a is not None and a == b:
+            out[a].add(i)
     return out
+
+
+def pawsx_train_rows(cfg: MultilingualConfig) -> set[int]:
+    """Row indices of PAWS-X dev trained on (``pawsx_train``): PAWS-Wiki's training part."""
+    return pawsx_split(cfg)["train"] if cfg.pawsx_train else set()
 
 
 def training_pairs(cfg: MultilingualConfig, *, progress: bool = True) -> list[V.Pair]:
@@ -236,7 +255,8 @@ def training_pairs(cfg: MultilingualConfig, *, progress: bool = True) -> list[V.
     keep = [p for p in english if p.source.startswith(("rule:direction", "template:"))]
     rest = [p for p in english if not p.source.startswith(("rule:direction", "template:"))]
     rng.shuffle(rest)
-    pairs = rest[: max(0, cfg.english_pairs - len(keep))] + keep[: cfg.english_pairs]
+    n = len(english) if cfg.english_pairs is None else cfg.english_pairs
+    pairs = rest[: max(0, n - len(keep))] + keep[:n]
     for lang in STS_LANGS:
         pairs += sts_language_pairs(lang, "train", spec, cfg.sts_per_language, rng)
     trained = pawsx_train_rows(cfg)
@@ -248,16 +268,20 @@ def training_pairs(cfg: MultilingualConfig, *, progress: bool = True) -> list[V.
 
 
 def evaluation_sets(cfg: MultilingualConfig) -> dict[str, list[V.Pair]]:
-    """Held-out pairs per language: PAWS-X dev (rows not trained on) and STS-B dev."""
+    """Held-out pairs per language: PAWS-X dev (rows of PAWS-Wiki's held-out part), STS-B dev, and the
+    English verifier's held-out pairs."""
+    from policy.verifier_train import held_out_pairs
+
     out: dict[str, list[V.Pair]] = {}
-    trained = pawsx_train_rows(cfg)
+    heldout = pawsx_split(cfg)["heldout"]
     for lang in PAWS_LANGS:
-        rows = [r for i, r in enumerate(pawsx_rows(lang)) if i not in trained and r["q1"].strip() and r["q2"].strip()]
+        rows = [r for i, r in enumerate(pawsx_rows(lang)) if i in heldout and r["q1"].strip() and r["q2"].strip()]
         out[f"PAWS-X {lang}"] = [V.Pair(r["q1"], r["q2"], int(r["duplicate"]), "paws-x")
                                  for r in random.Random(cfg.seed + 1).sample(rows, min(cfg.eval_pairs, len(rows)))]
     spec = cfg.train.data
     for lang in PAPER_LANGS:
         out[f"STS-B dev {lang}"] = sts_language_pairs(lang, "dev", spec, cfg.eval_pairs, random.Random(cfg.seed + 2))
+    out["English verifier's held-out (QQP + PAWS-Wiki)"] = held_out_pairs(spec, 6 * cfg.eval_pairs, cfg.seed)
     return out
 
 
@@ -316,14 +340,47 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+class TorchScorer:
+    """The trained torch model behind the verifier interface the calibration uses (``score_many``, and an
+    id that keys the score cache to this run's weights)."""
+
+    def __init__(self, model, tok, run_id: str) -> None:
+        self.model, self.tok, self.id = model, tok, run_id
+        self.metadata = {"source_sha256": run_id, "precision": "torch-fp32"}
+
+    def score_many(self, qa, qb) -> np.ndarray:
+        return score_torch(self.model, self.tok, [V.Pair(a, b, 0, "") for a, b in zip(qa, qb)])
+
+
+def calibration_markdown(english: dict, e5: dict) -> str:
+    """Operating points of both verifiers on the same English stream-shaped calibration workloads."""
+    lines = ["| δ | verifier | score threshold | hits | estimated false | upper bound | per workload: hit rate / FHR estimate |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for d in e5["points"]:
+        for who, cal in (("English (shipped)", english), ("e5", e5)):
+            pt = cal["points"].get(d)
+            if pt is None:
+                lines.append(f"| {d} | {who} | none holds (never serve) | | | | |")
+                continue
+            per = "; ".join(f"{k} {100 * v['hit_rate']:.1f} % / {100 * v['fhr_estimated']:.2f} %"
+                            for k, v in pt["workloads"].items())
+            lines.append(f"| {d} | {who} | {pt['threshold']:.4f} | {pt['hits']:,} | {pt['false']:.1f} | "
+                         f"{100 * pt['ucb']:.2f} % | {per} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/verifier-e5"))
     ap.add_argument("--tiny", action="store_true", help="a smoke run on a few hundred pairs")
     ap.add_argument("--doc", action="store_true", help="rewrite the section of docs/multilingual.md")
     ap.add_argument("--data-dir", type=Path, default=None)
-    ap.add_argument("--pawsx-train-share", type=float, default=0.0,
-                    help="train on this share of PAWS-X dev (whole components, all seven languages)")
+    ap.add_argument("--pawsx-train", action="store_true",
+                    help="train on the PAWS-X rows of PAWS-Wiki's training part, in all seven languages")
+    ap.add_argument("--english-pairs", type=int, default=None,
+                    help="English training pairs (default 10,000; 0 = all of the English verifier's)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="calibrate the e5 verifier on the English verifier's stream-shaped workloads")
     args = ap.parse_args(argv)
     if args.data_dir is not None:
         import os
@@ -332,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cfg = MultilingualConfig.tiny() if args.tiny else MultilingualConfig()
-    cfg.pawsx_train_share = args.pawsx_train_share
+    cfg.pawsx_train = args.pawsx_train
+    if args.english_pairs is not None:
+        cfg.english_pairs = args.english_pairs or None
     torch.set_num_threads(cfg.train.threads)
     t0 = time.time()
     model, tok = build_e5_cross_encoder()
@@ -358,20 +417,53 @@ def main(argv: list[str] | None = None) -> int:
         "e5 verifier": lambda ps: score_torch(model, tok, ps)})
     result = {"config": asdict(cfg), "train_pairs": len(pairs), "english_pairs": english,
               "sts_pairs": len(pairs) - english - pawsx, "pawsx_pairs": pawsx, "base_check": base_check, "curve": curve, "metrics": metrics,
-              "train_minutes": train_minutes, "minutes": (time.time() - t0) / 60}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "result.json").write_text(json.dumps(result, indent=1, default=float))
+              "train_minutes": train_minutes}
     command = ("python -m policy.verifier_multilingual" + (" --tiny" if args.tiny else "")
-               + (f" --pawsx-train-share {cfg.pawsx_train_share:g}" if cfg.pawsx_train_share else ""))
+               + (" --pawsx-train" if cfg.pawsx_train else "")
+               + (f" --english-pairs {args.english_pairs}" if args.english_pairs is not None else "")
+               + (" --calibrate" if args.calibrate else ""))
+    args.out.mkdir(parents=True, exist_ok=True)
+    # what training changed (the embeddings stay the package's 4-bit table), for an export to start from
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().half().contiguous() for k, v in model.named_parameters() if v.requires_grad},
+              str(args.out / "e5-verifier.safetensors"))
+    if args.calibrate:
+        from policy import verifier_calibrate as C
+
+        run_id = f"e5-verifier:{command}:{time.strftime('%Y%m%dT%H%M%S')}"
+        workloads = V.calibration_workloads(cfg.train.data, sim_spec=D.DataSpec.tiny() if args.tiny else None)
+        result["calibration"] = C.calibrate(TorchScorer(model, tok, run_id), workloads, progress=not args.tiny)
+        result["english_calibration"] = english_verifier_calibration()
+    result["minutes"] = (time.time() - t0) / 60
+    (args.out / "result.json").write_text(json.dumps(result, indent=1, default=float))
     body = markdown(result, command)
+    if args.calibrate and result.get("english_calibration"):
+        body += ("\nCalibrated on the English verifier's stream-shaped workloads (MiniLM retrieval, cosine floor "
+                 f"{result['calibration']['cosine_floor']}, top-{result['calibration']['top_k']} verified; the same "
+                 "rule as the shipped card):\n\n" + calibration_markdown(result["english_calibration"], result["calibration"]))
     print(body)
     if args.doc:
         repo = Path(__file__).resolve().parents[1]
         sys.path.insert(0, str(repo / "benchmarks"))
         from quality import write_section  # the benchmarks' section writer (benchmarks/ is no package)
 
-        write_section(repo / "docs" / "multilingual.md", SECTION + ("-pawsx" if cfg.pawsx_train_share else ""), body)
+        write_section(repo / "docs" / "multilingual.md", section_name(cfg, args), body)
     return 0
+
+
+def section_name(cfg: MultilingualConfig, args) -> str:
+    if args.calibrate or args.english_pairs is not None:
+        return SECTION + "-english"
+    return SECTION + ("-pawsx" if cfg.pawsx_train else "")
+
+
+def english_verifier_calibration() -> dict | None:
+    """The shipped English verifier's calibration block, from its card."""
+    from velo_proxy.verifier_export import CARD_FILE, shipped_dir
+
+    card = json.loads((shipped_dir() / CARD_FILE).read_text())
+    return card["calibration"].get(card["precision"])
 
 
 if __name__ == "__main__":

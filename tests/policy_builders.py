@@ -32,9 +32,11 @@ class RuleActor(nn.Module):
 
 def export_rule_policy(path: Path, *, embedder_id: str, version: str, serve_above: float = 0.9,
                        c_logit: float = -20.0, dim: int = 384, top_p: int = 5,
-                       thresholds: dict[str, float] | None = None, on: str = "similarity") -> Path:
+                       thresholds: dict[str, float] | None = None, on: str = "similarity",
+                       verifier_sha256: str | None = None) -> Path:
     calibration = {"format": 1, "default_delta": 0.02,
                    "thresholds": thresholds or {"0.01": 0.9, "0.02": 0.5, "0.05": 0.3}}
     export_onnx(RuleActor(serve_above=serve_above, c_logit=c_logit, on=on), Path(path), dim=dim, top_p=top_p,
-                embedder_id=embedder_id, policy_version=version, calibration=calibration)
+                embedder_id=embedder_id, policy_version=version, calibration=calibration,
+                verifier_sha256=verifier_sha256)
     return Path(path)

@@ -227,3 +227,25 @@ def test_the_multilingual_verifiers_torch_base_computes_what_the_exported_graph_
     with torch.no_grad():
         score = model(torch.tensor([enc.ids]), torch.tensor([enc.attention_mask]))
     assert score.shape == (1,) and 0.0 < float(score[0]) < 1.0
+
+
+def test_pawsx_rows_follow_the_english_verifiers_paws_wiki_split():
+    """PAWS-X dev is a translation of PAWS-Wiki dev rows, which the English verifier trains and is calibrated
+    on: a PAWS-X row is trained on or measured on only in the part its English texts belong to, so no
+    evaluated pair (in any language) is a translation of a trained or calibration one."""
+    from policy import verifier_data as V
+    from policy.verifier_multilingual import PAWS_LANGS, MultilingualConfig, pawsx_rows, pawsx_split, pawsx_train_rows
+
+    cfg = MultilingualConfig.tiny()
+    split = pawsx_split(cfg)
+    wiki = {part: {t for r in rows for t in (r["q1"], r["q2"])} for part, rows in V.paws_split(cfg.train.data).items()}
+    english = pawsx_rows("en")
+    assert split["train"] and split["heldout"]  # the slices overlap the PAWS-Wiki slice in every part
+    assert not (split["train"] & split["heldout"]) and not (split["calibration"] & (split["train"] | split["heldout"]))
+    for part, rows in split.items():
+        for i in rows:
+            assert english[i]["q1"].strip() in wiki[part] and english[i]["q2"].strip() in wiki[part]
+    assert all(len(pawsx_rows(lang)) == len(english) for lang in PAWS_LANGS)  # row i is one pair in every language
+    assert pawsx_train_rows(cfg) == set()  # the zero-shot protocol by default
+    cfg.pawsx_train = True
+    assert pawsx_train_rows(cfg) == split["train"]

@@ -112,6 +112,30 @@ def test_mismatched_policy_is_refused_at_start(make_proxy, embedder_dir, tmp_pat
         LearnedPolicy(corrupt, embedder_id=EMBEDDER_ID, dim=384, max_false_hit_rate=0.02)
 
 
+def test_a_policy_trained_on_another_verifiers_scores_is_refused(make_proxy, embedder_dir, verifier_dir, tmp_path):
+    """The verifier's scores are hit features: a policy that learned from another verifier's scores is
+    refused beside this one, at start and by the loader; the shipped default says which verifier it
+    learned from, and it is the shipped one."""
+    import onnxruntime as ort
+
+    from velo_proxy.policy import LearnedPolicy, PolicyMismatch, default_policy_path
+
+    installed = json.loads((verifier_dir / "velo_verifier.json").read_text())["source_sha256"]
+    shipped = dict(ort.InferenceSession(str(default_policy_path()),
+                                        providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
+    assert shipped["velo_verifier_sha256"] == installed
+    other = export_rule_policy(tmp_path / "other.onnx", embedder_id=EMBEDDER_ID, version="other-verifier",
+                               verifier_sha256="0" * 64)
+    with pytest.raises(PolicyMismatch, match="trained on the scores of verifier weights 000000000000"):
+        LearnedPolicy(other, embedder_id=EMBEDDER_ID, dim=384, max_false_hit_rate=0.02, verifier_sha256=installed)
+    with pytest.raises(RuntimeError):
+        make_proxy(policy="learned", policy_path=other)
+    same = export_rule_policy(tmp_path / "same.onnx", embedder_id=EMBEDDER_ID, version="same-verifier",
+                              verifier_sha256=installed)
+    proxy = make_proxy(policy="learned", policy_path=same)
+    assert ask(proxy, "What is the boiling point of water?")[1]["x-velo-policy"] == "same-verifier"
+
+
 def test_calibrated_bound_controls_serving(make_proxy, embedder_dir, tmp_path, paraphrase, upstream_requests):
     original, similar = paraphrase
     # P(A) of this paraphrase is ~0.87 (similarity 0.969, serve_above 0.94); thresholds per delta:

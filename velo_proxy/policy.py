@@ -134,7 +134,7 @@ class LearnedPolicy(Policy):
 
     def __init__(self, path: Path, *, embedder_id: str, dim: int, max_false_hit_rate: float,
                  exploration_rate: float = 0.0, seed: int | None = None, version: str | None = None,
-                 verify_rule: VerifyRule | None = None, veto: bool = True) -> None:
+                 verify_rule: VerifyRule | None = None, veto: bool = True, verifier_sha256: str | None = None) -> None:
         import onnxruntime as ort
 
         # which hits the engine verifies (their scores are features); without a rule none is, and
@@ -153,7 +153,7 @@ class LearnedPolicy(Policy):
             raise PolicyMismatch(f"policy file {self.path} is not a loadable ONNX model: {exc}") from exc
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         self.metadata = meta
-        self._check(meta, embedder_id=embedder_id, dim=dim)
+        self._check(meta, embedder_id=embedder_id, dim=dim, verifier_sha256=verifier_sha256)
         self.top_p = int(meta["velo_top_p"])
         # a version published to a policy directory is named by the directory's pointer
         self.version = version or meta.get("velo_policy_version", self.path.stem)
@@ -170,7 +170,7 @@ class LearnedPolicy(Policy):
             raise PolicyMismatch(f"policy expects inputs {sorted(unknown)} that velo_proxy.features does not build")
 
     @staticmethod
-    def _check(meta: dict[str, str], *, embedder_id: str, dim: int) -> None:
+    def _check(meta: dict[str, str], *, embedder_id: str, dim: int, verifier_sha256: str | None = None) -> None:
         required = ("velo_feature_version", "velo_embedder_id", "velo_dim", "velo_top_p", "velo_k", "velo_calibration")
         missing = [k for k in required if k not in meta]
         if missing:
@@ -187,6 +187,12 @@ class LearnedPolicy(Policy):
             problems.append(f"trained on embedder '{meta['velo_embedder_id']}', serving uses '{embedder_id}'")
         if int(meta["velo_dim"]) != dim:
             problems.append(f"D={meta['velo_dim']} != the embedder's {dim}")
+        # the verifier's scores are hit features: another verifier's scores mean something else (an export
+        # that does not say which verifier it learned from predates the check and is taken as it is)
+        trained_with = meta.get("velo_verifier_sha256")
+        if trained_with and verifier_sha256 and trained_with != verifier_sha256:
+            problems.append(f"trained on the scores of verifier weights {trained_with[:12]}, serving uses "
+                            f"{verifier_sha256[:12]}")
         if problems:
             raise PolicyMismatch("policy does not match this proxy: " + "; ".join(problems))
 

@@ -87,7 +87,9 @@ class PolicyManager:
         return LearnedPolicy(path, embedder_id=self.embedder.id, dim=self.embedder.dim,
                              max_false_hit_rate=self.settings.max_false_hit_rate,
                              exploration_rate=self.settings.exploration_rate, version=version, verify_rule=rule,
-                             veto=self.settings.verify_learned)
+                             veto=self.settings.verify_learned,
+                             verifier_sha256=(self.verifier.metadata.get("source_sha256")
+                                              if self.verifier is not None else None))
 
     def _load_initial_policy(self) -> None:
         """An explicitly configured policy must load (a mismatch stops the proxy with the reason);

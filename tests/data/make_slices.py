@@ -26,6 +26,8 @@ SLICES = {
     "qa/nq-open-dev.jsonl": 100,
     "qa/oasst1-en-validation.jsonl": 16,
     **{f"sts/stsb-{lang}-train.csv": 300 for lang in ("en", "es", "de", "ru", "zh")},
+    # PAWS-X dev is a translation of PAWS-Wiki dev rows; its first rows mostly fall in the PAWS-Wiki slice
+    **{f"pairs/paws-x-dev-{lang}.jsonl": 120 for lang in ("de", "en", "es", "fr", "ja", "ko", "zh")},
 }
 
 
