@@ -186,9 +186,8 @@ def main(argv=None) -> None:
     from .data import DataSpec, cache_dir
     from .evaluate import evaluate_seeds
     from .export import export_onnx, parity
-    from .train import verifier_sha256_of
     from .sim import SimConfig
-    from .train import load_actor
+    from .train import load_actor, verifier_sha256_of
 
     torch.set_num_threads(1)
     t_start = time.time()
