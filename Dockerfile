@@ -50,7 +50,8 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 
 # Builder: export the embedder and the pair verifier to ONNX once (the only use of torch on the serving path).
 # EXTRA_EMBEDDERS (space-separated, e.g. "multilingual-e5-small") are exported next to it, to
-# /opt/velo/models/<name>, for the chart's config.embedder (VELO_EMBEDDER) to select.
+# /opt/velo/models/<name>, with the pair verifier that serves them beside (/opt/velo/models/e5-pair-verifier),
+# for the chart's config.embedder (VELO_EMBEDDER, VELO_VERIFIER_DIR) to select.
 FROM torch AS exporter
 ARG EXTRA_EMBEDDERS=""
 RUN velo-proxy models export \

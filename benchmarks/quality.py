@@ -231,6 +231,9 @@ class Outcome:
     correct: np.ndarray  # bool [N]
     source: np.ndarray  # int64 [N] stream index of the served entry, -1 if not served
     seconds: float = 0.0
+    # the estimated number of false hits when the policy weighs them itself (the verified policy's replay:
+    # its own hits' audited score bands, policy.verifier_calibrate.score_bands); None: the workload's weights
+    false_estimated: float | None = None
 
     def metrics(self, positives: np.ndarray, w: "Workload | None" = None) -> dict[str, float]:
         hits = int(self.served.sum())
@@ -252,7 +255,8 @@ class Outcome:
             "served_share": hits / max(1, len(self.served)),
             "false_labelled": labelled,  # false hits on a pair the dataset labels "not duplicate"
             # labelled wrong + weight x unlabelled (QQP's clusters miss many duplicates: policy/qqp_label_audit.jsonl)
-            "fhr_estimated": ((w.labelled_weight * labelled + w.unlabelled_weight * (false - labelled)) / hits
+            "fhr_estimated": (self.false_estimated / hits if hits and self.false_estimated is not None else
+                              (w.labelled_weight * labelled + w.unlabelled_weight * (false - labelled)) / hits
                               if hits and w is not None else (false / hits if hits else 0.0)),
             "seconds": round(self.seconds, 2),
         }
@@ -689,7 +693,12 @@ def verified_rows(w: Workload, verifier: Any, pos: np.ndarray, wr: dict[str, Any
     cal = verifier.calibration
     floor, top_k = float(cal["cosine_floor"]), int(cal["top_k"])
     t0 = time.perf_counter()
-    prep = VC.prepare(w.name, w.texts, w.cluster, w.emb, verifier, floor=floor, m=TOP_P, progress=True)
+    # QQP's noisy labels: the verifier's hits are weighed by the audit of its own served hits where it has one
+    bands = VC.score_bands(verifier.id)
+    prep = VC.prepare(w.name, w.texts, w.cluster, w.emb, verifier, floor=floor, m=TOP_P, progress=True,
+                      neg_edges=w.neg_edges, unlabelled_weight=w.unlabelled_weight, labelled_weight=w.labelled_weight,
+                      unlabelled_bands=bands["unlabelled"] if w.unlabelled_weight != 1.0 else (),
+                      labelled_bands=bands["labelled_negative"] if w.labelled_weight != 1.0 else ())
     wr["verifier_pairs"] = sum(len(x) for x in prep.nbr)
     wr["verifier_scoring_s"] = round(time.perf_counter() - t0, 1)
 
@@ -697,7 +706,7 @@ def verified_rows(w: Workload, verifier: Any, pos: np.ndarray, wr: dict[str, Any
         r = VC.replay(prep, VerifyRule(cosine_floor=floor, top_k=top_k, threshold=threshold))
         served = r["served"] >= 0
         correct = served & (w.cluster[np.maximum(r["served"], 0)] == w.cluster)
-        return Outcome(served, correct, r["served"])
+        return Outcome(served, correct, r["served"], false_estimated=r["false_estimated"])
 
     curve = []
     for t in VC.threshold_grid([prep], steps=60):

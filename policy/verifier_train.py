@@ -119,10 +119,12 @@ def train(cfg: VerifierConfig, pairs: list[V.Pair], held: list[V.Pair], *, progr
     for layer in model.bert.encoder.layer[: cfg.frozen_layers]:
         for p in layer.parameters():
             p.requires_grad_(False)
+    # no decay on biases and layer norms, found by type (e5's are named aln/oln, not LayerNorm)
+    norms = {id(p) for m in model.bert.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.bert.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+            (no_decay if name.endswith("bias") or id(p) in norms else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
                              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
                              {"params": model.head.parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}])
@@ -181,6 +183,30 @@ def held_out_pairs(spec: V.VerifierDataSpec, n: int, seed: int) -> list[V.Pair]:
     return [V.Pair(r["q1"], r["q2"], int(r["duplicate"]), "held") for r in rows[:n]]
 
 
+def measure_precisions(build, held: list[V.Pair], *, threads: int) -> dict[str, dict[str, float]]:
+    """Each precision's export (``build(precision)`` -> its directory) measured on the held-out pairs: the
+    ranking and the bulk speed."""
+    from velo_proxy.verifier import PairVerifier
+
+    labels = np.array([p.label for p in held])
+    metrics = {}
+    for precision in ("fp32", "int8"):
+        verifier = PairVerifier(build(precision), threads=threads)
+        t0 = time.perf_counter()
+        scores = verifier.score_many([p.a for p in held], [p.b for p in held])
+        metrics[precision] = {**pair_metrics(scores, labels),
+                              "pairs_per_s": round(len(held) / (time.perf_counter() - t0), 1)}
+        print(f"{precision}: {metrics[precision]}", file=sys.stderr)
+    return metrics
+
+
+def int8_pays(metrics: dict[str, dict[str, float]]) -> bool:
+    """int8 when it keeps the held-out ranking (AUC within 0.005 of fp32) and is worth it (>= 1.2x the pairs
+    per second; on CPUs without int8 dot products it is not)."""
+    m32, m8 = metrics["fp32"], metrics["int8"]
+    return m32["auc"] - m8["auc"] <= 0.005 and m8["pairs_per_s"] >= 1.2 * m32["pairs_per_s"]
+
+
 def card_markdown(card: dict) -> str:
     """The measured part of docs/verifier.md, from the card."""
     lines = [f"Card of `{card['id']}` (`{card.get('command', 'python -m policy.verifier_train --ship')}`): "
@@ -197,18 +223,34 @@ def card_markdown(card: dict) -> str:
                      f"{m['recall@0.5']:.4f} | {m['pairs_per_s']:.0f} |")
     cal = card["calibration"].get(card["precision"], {})
     if cal:
-        lines += ["", f"Calibration (cosine floor {cal['cosine_floor']}, top-{cal['top_k']} verified, one-sided "
-                  f"{100 * cal['confidence']:.0f} % Clopper-Pearson bound of the pooled estimated false-hit rate ≤ δ and "
-                  f"every workload's estimate ≤ δ):", "",
-                  "| δ | score threshold | hits | estimated false | pooled FHR | upper bound | per workload: hit rate / FHR estimate |",
-                  "|---|---|---|---|---|---|---|"]
-        for d, pt in cal["points"].items():
-            if pt is None:
-                lines.append(f"| {d} | none holds (never serve) | | | | | |")
-                continue
-            per = "; ".join(f"{k} {100 * v['hit_rate']:.1f} % / {100 * v['fhr_estimated']:.2f} %" for k, v in pt["workloads"].items())
-            lines.append(f"| {d} | {pt['threshold']:.4f} | {pt['hits']:,} | {pt['false']:.1f} | {100 * pt['fhr']:.2f} % | "
-                         f"{100 * pt['ucb']:.2f} % | {per} |")
+        lines += ["", calibration_table(cal)]
+    return "\n".join(lines)
+
+
+def calibration_table(cal: dict) -> str:
+    """One calibration block (``policy.verifier_calibrate.calibrate``) as a markdown table."""
+    lines = [f"Calibration (cosine floor {cal['cosine_floor']}, top-{cal['top_k']} verified, one-sided "
+             f"{100 * cal['confidence']:.0f} % Clopper-Pearson bound of the pooled estimated false-hit rate ≤ δ and "
+             f"every workload's estimate ≤ δ):", "",
+             "| δ | score threshold | hits | estimated false | pooled FHR | upper bound | per workload: hit rate / FHR estimate |",
+             "|---|---|---|---|---|---|---|"]
+    for d, pt in cal["points"].items():
+        if pt is None:
+            lines.append(f"| {d} | none holds (never serve) | | | | | |")
+            continue
+        per = "; ".join(f"{k} {100 * v['hit_rate']:.1f} % / {100 * v['fhr_estimated']:.2f} %" for k, v in pt["workloads"].items())
+        lines.append(f"| {d} | {pt['threshold']:.4f} | {pt['hits']:,} | {pt['false']:.1f} | {100 * pt['fhr']:.2f} % | "
+                     f"{100 * pt['ucb']:.2f} % | {per} |")
+    audit = cal.get("label_audit") or {}
+    if audit.get("unlabelled"):
+        u, ln = audit["unlabelled"], audit["labelled_negative"]
+        text = (f"\nQQP label noise (docs/verifier.md, *Label noise*): a hit on another cluster counts "
+                f"{ln['upper']:.3f} when QQP labels it \"not duplicate\" and {u['upper']:.3f} "
+                f"when unlabelled (first audit: {ln['wrong']} of {ln['audited']} and {u['wrong']} of {u['audited']} differ)")
+        bands = audit.get("score_bands") or {}
+        for (lo, wl), (_, wu) in zip(bands.get("labelled_negative", []), bands.get("unlabelled", [])):
+            text += f"; at score ≥ {lo:g} (the audit of this verifier's own hits) {wl:.3f} and {wu:.3f}"
+        lines.append(text + ".")
     return "\n".join(lines)
 
 
@@ -265,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from velo_proxy.verifier_export import CARD_FILE, WEIGHTS_FILE, build_dir, build_torch_module, shipped_dir, trained_state
 
+    previous: dict = {}
     if args.calibrate_only:  # the weights and the training part of the card are there already
         previous = json.loads((out / CARD_FILE).read_text())
         curve, train_s, counts = previous["curve"], previous["train_seconds"], {
@@ -275,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - t_start
         # 3. save what training changed
         save_file(trained_state(model), str(out / WEIGHTS_FILE))
-    card: dict = {"id": f"velo-pair-verifier-{time.strftime('%Y%m%d')}", "config": {**asdict(cfg), "data": asdict(cfg.data)},
+    # the same weights keep their id (audits of a verifier's hits are keyed by it, policy.label_audit)
+    card_id = previous["id"] if args.calibrate_only else f"velo-pair-verifier-{time.strftime('%Y%m%d')}"
+    card: dict = {"id": card_id, "config": {**asdict(cfg), "data": asdict(cfg.data)},
                   "data": {k: {"positive": v[1], "negative": v[0]} for k, v in counts.items()},
                   "train_seconds": round(train_s, 1), "curve": curve, "metrics": {}, "calibration": {}}
     card["config"]["max_length"] = cfg.max_length
@@ -285,23 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     shipped = build_torch_module(out / WEIGHTS_FILE)  # the float16-rounded weights, as shipped
     from velo_proxy.verifier import PairVerifier
 
-    labels = np.array([p.label for p in held])
     workloads = V.calibration_workloads(cfg.data, sim_spec=sim_spec)
-    for precision in ("fp32", "int8"):
-        model_dir = out / f"model-{precision}"
-        build_dir(model_dir, weights=out / WEIGHTS_FILE, card=card, precision=precision, force=True)
-        verifier = PairVerifier(model_dir, threads=cfg.threads)
-        t0 = time.perf_counter()
-        scores = verifier.score_many([p.a for p in held], [p.b for p in held])
-        card["metrics"][precision] = {**pair_metrics(scores, labels),
-                                      "pairs_per_s": round(len(held) / (time.perf_counter() - t0), 1)}
-        print(f"{precision}: {card['metrics'][precision]}", file=sys.stderr)
+
+    def build(precision: str) -> Path:
+        return build_dir(out / f"model-{precision}", weights=out / WEIGHTS_FILE, card=card, precision=precision,
+                         force=True)
+
+    card["metrics"] = measure_precisions(build, held, threads=cfg.threads)
     del shipped
-    # int8 when it keeps the held-out ranking (AUC within 0.005 of fp32) and is worth it (>= 1.2x the pairs per
-    # second; on CPUs without int8 dot products it is not); only the chosen precision is calibrated
-    m32, m8 = card["metrics"]["fp32"], card["metrics"]["int8"]
-    keep = m32["auc"] - m8["auc"] <= 0.005 and m8["pairs_per_s"] >= 1.2 * m32["pairs_per_s"]
-    card["precision"] = precision = "int8" if keep else "fp32"
+    # only the chosen precision is calibrated
+    card["precision"] = precision = "int8" if int8_pays(card["metrics"]) else "fp32"
     verifier = PairVerifier(out / f"model-{precision}", threads=cfg.threads)
     card["calibration"][precision] = C.calibrate(verifier, workloads, progress=args.progress)
     print(f"{precision} calibration: thresholds {card['calibration'][precision]['thresholds']}", file=sys.stderr)

@@ -99,6 +99,28 @@ def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert doc.read_text().count("<!-- quality:begin -->") == 1 and "again" in doc.read_text()
 
 
+def test_verifiers_smoke(tmp_path: Path) -> None:
+    """benchmarks/verifiers.py: the English verifier and both exports of the multilingual one, each at its
+    own calibrated points, on the same held-out streams; the section is written into the doc."""
+    _need_data_and_embedder()
+    import verifiers
+
+    out, doc = tmp_path / "v.json", tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n")
+    assert verifiers.main(["--tiny", "--workloads", "qqp", "paws-wiki", "--json", str(out), "--doc", str(doc)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["verifiers"]) == {"English (MiniLM) fp32", "multilingual (e5) fp32", "multilingual (e5) int8"}
+    assert all(v["thresholds"] and v["speed"]["p50_ms"] > 0 for v in r["verifiers"].values())
+    for w in r["workloads"].values():
+        assert w["rows"]["oracle (top-5)"]["false"] == 0
+        points = [k for k in w["rows"] if ", δ=" in k]
+        assert {k.split(",")[0] for k in points} == set(r["verifiers"])  # every verifier at its calibrated δ
+        for k in points:
+            m = w["rows"][k]
+            assert m["correct"] + m["false"] == m["hits"] and 0 <= m["fhr_estimated"] <= m["fhr"] + 1e-9
+    assert "<!-- verifiers:begin -->" in doc.read_text() and "| multilingual (e5) int8, δ=0.1 |" in doc.read_text()
+
+
 def test_latency_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_data_and_embedder()
     # mechanics, not speed: on a busy machine a verifier call past its 300 ms deadline would turn the few

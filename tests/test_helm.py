@@ -169,21 +169,28 @@ def test_schema_rejects_bad_values() -> None:
         assert "CronJob" in kinds(render("default", f"policy.name={name}", *RETRAIN))
 
 
-def test_embedder_is_selected_by_name_and_needs_a_policy_built_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """config.embedder picks one of the image's exported embedders; the proxy reads the same settings. e5 with a
-    MiniLM-built policy (verified, learned) would serve no semantic hit, so the chart refuses it."""
+def test_embedder_is_selected_by_name_with_the_verifier_calibrated_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.embedder picks one of the image's exported embedders and the pair verifier calibrated for it; the
+    proxy reads the same settings. e5 with the MiniLM-built LRS policy or retrain job would serve or learn
+    nothing, so the chart refuses those."""
     from velo_proxy.settings import Settings
 
     cm = configmap(render("default"))
     assert (cm["VELO_EMBEDDER"], cm["VELO_EMBEDDER_DIR"]) == ("all-MiniLM-L6-v2", "/opt/velo/models/all-MiniLM-L6-v2")
-    cm = configmap(render("default", "config.embedder=multilingual-e5-small", "policy.name=threshold"))
-    assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/multilingual-e5-small"
-    for key, value in cm.items():
-        monkeypatch.setenv(key, value)
-    assert Settings().embedder_dir == Path("/opt/velo/models/multilingual-e5-small")
-    for name in ("verified", "learned"):
-        proc = _fails("config.embedder=multilingual-e5-small", f"policy.name={name}")
-        assert "needs policy.name=threshold" in proc.stderr
+    assert cm["VELO_VERIFIER_DIR"] == "/opt/velo/models/pair-verifier"  # where the image's default export puts it
+    for name in ("verified", "threshold"):
+        cm = configmap(render("default", "config.embedder=multilingual-e5-small", f"policy.name={name}"))
+        assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/multilingual-e5-small"
+        assert cm["VELO_VERIFIER_DIR"] == "/opt/velo/models/e5-pair-verifier"  # beside it (the Dockerfile's loop)
+        for key, value in cm.items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        assert settings.embedder_dir == Path("/opt/velo/models/multilingual-e5-small")
+        assert (settings.verifier, settings.verifier_dir) == ("e5-pair-verifier", Path("/opt/velo/models/e5-pair-verifier"))
+    proc = _fails("config.embedder=multilingual-e5-small", "policy.name=learned")
+    assert "needs policy.name=verified or threshold" in proc.stderr
+    proc = _fails("config.embedder=multilingual-e5-small", *RETRAIN)
+    assert "retrain.enabled needs config.embedder=all-MiniLM-L6-v2" in proc.stderr
     _fails("config.embedder=bge-m3")  # the schema knows the names the image can carry
 
 

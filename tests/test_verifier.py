@@ -143,6 +143,67 @@ def test_the_label_audit_is_read_with_its_upper_bounds():
     assert C.qqp_label_weights() == (lab["upper"], unl["upper"])
 
 
+def test_an_audit_of_a_verifiers_own_hits_weighs_them_by_score_band(tmp_path):
+    """A hit the verifier served with a score inside an audited band counts as that band's wrong share (its
+    upper bound); below every band, or for another verifier, the first audit's weight stands."""
+    import json
+
+    audit = tmp_path / "audit.jsonl"
+    rows = [{"population": "unlabelled", "q1": f"a{i}", "q2": f"b{i}", "same": int(i >= 2)} for i in range(10)]
+    rows += [{"population": "unlabelled", "q1": f"c{i}", "q2": f"d{i}", "same": int(i >= 1), "verifier": "v1",
+              "band": 0.9, "score": 0.95} for i in range(40)]
+    rows += [{"population": "labelled_negative", "q1": f"e{i}", "q2": f"f{i}", "same": int(i >= 10), "verifier": "v1",
+              "band": 0.9, "score": 0.95} for i in range(40)]
+    audit.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = C.audit_share(population="unlabelled", path=audit)
+    band_u = C.audit_share(population="unlabelled", verifier="v1", band=0.9, path=audit)
+    assert (first["audited"], first["wrong"], band_u["audited"], band_u["wrong"]) == (10, 2, 40, 1)
+    assert band_u["upper"] == pytest.approx(C.upper_bound(1, 40)) and band_u["upper"] < first["upper"]
+    bands = C.score_bands("v1", path=audit)
+    assert bands == {"unlabelled": [(0.9, band_u["upper"])],
+                     "labelled_negative": [(0.9, C.upper_bound(10, 40))]}
+    assert C.score_bands("another", path=audit) == {"unlabelled": [], "labelled_negative": []}
+    assert C.band_weight(bands["unlabelled"], 0.95, default=0.5) == band_u["upper"]
+    assert C.band_weight(bands["unlabelled"], 0.85, default=0.5) == 0.5  # below the band: the first audit's
+    # in the replay: the near miss of the toy stream (score 0.6) is outside a 0.9 band, inside a 0.5 one
+    w = _toy_workload()
+    rule = VerifyRule(cosine_floor=0.75, top_k=3, threshold=0.5)
+    for lo, expected in ((0.9, 0.2), (0.5, 0.05)):
+        banded = C.Prepared("toy", w.cluster, w.nbr, w.sim, w.score, unlabelled_weight=0.2,
+                            unlabelled_bands=[(lo, 0.05)])
+        assert C.replay(banded, rule)["false_estimated"] == pytest.approx(expected)
+
+
+def test_a_blind_judgement_is_merged_into_the_audit_with_its_verifier_and_band(tmp_path):
+    """policy.label_audit: the judge's file names only ids; merge joins them with what each id is (a pair
+    judged before keeps its judgement), refuses an incomplete judgement, and the band's weights follow."""
+    import json
+
+    from policy import label_audit
+
+    out = tmp_path / "audit"
+    out.mkdir()
+    rows = {"a0000": {"population": "unlabelled", "q1": "How do I learn Go?", "q2": "How can I learn Go?",
+                      "cosine": 0.95, "score": 0.97},
+            "a0001": {"population": "labelled_negative", "q1": "Flights from Paris to Rome?",
+                      "q2": "Flights from Rome to Paris?", "cosine": 0.99, "score": 0.93},
+            "a0002": {"population": "unlabelled", "q1": "What is Go?", "q2": "What is Rust?", "cosine": 0.9,
+                      "score": 0.91, "same": 0}}  # judged before
+    (out / "key.json").write_text(json.dumps({"verifier": "v9", "min_score": 0.9, "rows": rows}))
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("")
+    (out / "labels.tsv").write_text("a0000\t1\n")
+    assert label_audit.main(["merge", "--out", str(out), "--audit-file", str(audit)]) == 2  # a0001 not judged
+    assert audit.read_text() == ""
+    (out / "labels.tsv").write_text("a0000\t1\na0001\t0\n")
+    assert label_audit.main(["merge", "--out", str(out), "--audit-file", str(audit)]) == 0
+    merged = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["q1"], r["same"], r["verifier"], r["band"]) for r in merged] == [
+        ("How do I learn Go?", 1, "v9", 0.9), ("Flights from Paris to Rome?", 0, "v9", 0.9), ("What is Go?", 0, "v9", 0.9)]
+    assert C.audit_share(population="unlabelled", verifier="v9", band=0.9, path=audit)["wrong"] == 1
+    assert C.judged_pairs(audit)[tuple(sorted(("Flights from Paris to Rome?", "Flights from Rome to Paris?")))] == 0
+
+
 def test_choose_thresholds_respects_the_pooled_bound_and_every_workload():
     def row(t, hits, false, per):
         return {"threshold": t, "hits": hits, "false": false, "correct": hits - false, "fhr": false / hits,
@@ -187,6 +248,11 @@ def test_export_matches_torch_and_int8_keeps_the_ranking(exported_fp32, verifier
     assert np.corrcoef(s32, s_shipped)[0, 1] > 0.95
     # batched and one at a time agree (padding does not leak into the score)
     assert abs(float(fp32.score_pairs(a[:1], b[:1])[0]) - float(s32[0])) < 1e-5
+    # a card recalibrated without new weights is exported again (an installed verifier never keeps stale thresholds)
+    from velo_proxy.verifier_export import is_complete
+
+    assert is_complete(exported_fp32, meta["source_sha256"], "fp32", meta["calibration"])
+    assert not is_complete(exported_fp32, meta["source_sha256"], "fp32", {**meta["calibration"], "thresholds": {}})
 
 
 def test_verifier_refuses_a_missing_directory(tmp_path):

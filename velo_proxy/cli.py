@@ -3,6 +3,7 @@
     velo-proxy serve [--upstream-base-url URL] [--port 8080] [... one flag per VELO_* setting]
     velo-proxy models export [--out DIR] [--force]
     velo-proxy models export --embedder multilingual-e5-small [--out DIR] [--precision q4|int8|fp32]
+    velo-proxy models export [--embedder NAME] --verifier e5-pair-verifier [--verifier-out DIR]
     velo-proxy retrain [--redis-url URL] [--policy-dir DIR] [...]   (training extra)
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 from pydantic import ValidationError
 
-from velo_proxy.settings import DEFAULT_EMBEDDER_NAME, Settings
+from velo_proxy.settings import DEFAULT_EMBEDDER_NAME, DEFAULT_VERIFIER_NAME, E5_VERIFIER_NAME, Settings, default_home
 
 E5_EMBEDDER = "multilingual-e5-small"
 
@@ -72,33 +73,59 @@ def cmd_models_export(args: argparse.Namespace) -> int:
     from velo_proxy.model_export import ExportError, export_embedder
 
     _configure_logging("info")
-    settings = Settings()
     if args.embedder == E5_EMBEDDER:
-        return _export_e5(args)
-    if args.precision is not None:
+        status = _export_e5(args)
+    elif args.precision is not None:
         print(f"velo-proxy: --precision applies to --embedder {E5_EMBEDDER} only", file=sys.stderr)
         return 2
-    from velo_proxy.verifier_export import export_verifier
+    else:
+        out = Path(args.out) if args.out else Settings().embedder_dir
+        try:
+            path = export_embedder(out, force=args.force)
+        except ExportError as exc:
+            print(f"velo-proxy: embedder not exported: {exc}", file=sys.stderr)
+            return 1
+        print(f"embedder ready at {path}")
+        status = 0
+    if status or args.no_verifier:
+        return status
+    return _export_verifier(args)
 
-    out = Path(args.out) if args.out else settings.embedder_dir
-    path = export_embedder(out, force=args.force)
-    print(f"embedder ready at {path}")
-    if args.no_verifier:
-        return 0
+
+def _export_verifier(args: argparse.Namespace) -> int:
+    """The pair verifier named by --verifier (default: the one that serves the chosen embedder)."""
+    from velo_proxy.model_export import ExportError
+
+    configured = Settings()
+    name = args.verifier or Settings(embedder=args.embedder).verifier
+    if args.verifier_out:
+        out = Path(args.verifier_out)
+    elif args.out:  # beside the embedder it serves (the image bakes /opt/velo/models/<name> for each)
+        out = Path(args.out).parent / name
+    elif name == configured.verifier:  # VELO_VERIFIER_DIR names this verifier's directory
+        out = configured.verifier_dir
+    else:  # never the configured verifier's directory: that holds another model
+        out = default_home() / "models" / name
     try:
-        path = export_verifier(Path(args.verifier_out) if args.verifier_out else settings.verifier_dir,
-                               precision=args.verifier_precision, force=args.force)
+        if name == E5_VERIFIER_NAME:
+            from velo_proxy.e5_verifier_export import export_e5_verifier
+
+            path = export_e5_verifier(out, precision=args.verifier_precision, force=args.force)
+        else:
+            from velo_proxy.verifier_export import export_verifier
+
+            path = export_verifier(out, precision=args.verifier_precision, force=args.force)
     except ExportError as exc:
         print(f"velo-proxy: pair verifier not exported: {exc}", file=sys.stderr)
         return 1
-    print(f"pair verifier ready at {path}")
+    hint = "" if name == configured.verifier else f" (serve with VELO_VERIFIER={name})"
+    print(f"pair verifier ready at {path}{hint}")
     return 0
 
 
 def _export_e5(args: argparse.Namespace) -> int:
     from velo_proxy.e5_export import DEFAULT_PRECISION, export_e5
     from velo_proxy.model_export import ExportError
-    from velo_proxy.settings import default_home
 
     out = Path(args.out) if args.out else default_home() / "models" / E5_EMBEDDER
     try:
@@ -108,9 +135,6 @@ def _export_e5(args: argparse.Namespace) -> int:
         return 1
     hint = f"VELO_EMBEDDER={E5_EMBEDDER}" if not args.out else f"VELO_EMBEDDER_DIR={path}"
     print(f"embedder ready at {path} (serve with {hint})")
-    # The pair verifier is MiniLM-based and calibrated with the MiniLM embedder: the proxy does not
-    # load it next to another embedder, so there is nothing to export for this one (issue #16).
-    print("pair verifier not exported: it is calibrated with all-MiniLM-L6-v2 only", file=sys.stderr)
     return 0
 
 
@@ -135,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = models.add_subparsers(dest="models_command", required=True)
     export = model_commands.add_parser(
         "export", help="Export the embedder (all-MiniLM-L6-v2) and the pair verifier to ONNX (needs the 'export' extra), "
-        f"or, with --embedder {E5_EMBEDDER}, the multilingual embedder (needs the 'multilingual' extra).")
+        f"or, with --embedder {E5_EMBEDDER}, the multilingual embedder and verifier (needs the 'multilingual' extra).")
     export.add_argument("--embedder", choices=(DEFAULT_EMBEDDER_NAME, E5_EMBEDDER), default=DEFAULT_EMBEDDER_NAME,
                         help=f"Which embedder [default: {DEFAULT_EMBEDDER_NAME}].")
     export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR; for "
@@ -144,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{E5_EMBEDDER} weights: q4 (the package's 4-bit weights as they are), int8 or fp32 "
                         "[default: q4].")
     export.add_argument("--force", action="store_true", help="Export again even if a complete model is there.")
-    export.add_argument("--verifier-out", default=None, help="Pair verifier directory [default: VELO_VERIFIER_DIR].")
+    export.add_argument("--verifier", choices=(DEFAULT_VERIFIER_NAME, E5_VERIFIER_NAME), default=None,
+                        help=f"Which pair verifier [default: {E5_VERIFIER_NAME} with --embedder {E5_EMBEDDER}, "
+                        f"{DEFAULT_VERIFIER_NAME} otherwise; {E5_VERIFIER_NAME} needs the 'multilingual' extra].")
+    export.add_argument("--verifier-out", default=None, help="Pair verifier directory [default: <parent of --out>/"
+                        "<verifier> when --out is given, else VELO_VERIFIER_DIR or <data home>/models/<verifier>].")
     export.add_argument("--verifier-precision", choices=("int8", "fp32"), default=None,
                         help="Pair verifier precision [default: the one its model card chose].")
     export.add_argument("--no-verifier", action="store_true", help="Export the embedder only.")

@@ -62,7 +62,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -429,11 +429,23 @@ def build_tokenizer(src: E5Source, max_length: int = MAX_LENGTH):
 # --- ONNX graph ---------------------------------------------------------------------------------
 
 
-def build_onnx(src: E5Source, *, q4: bool = False, accuracy_level: int = 0):
-    """The float32 encoder + mean pooling + L2 normalisation as an ``onnx.ModelProto``."""
+def build_onnx(src: E5Source, *, q4: bool = False, accuracy_level: int = 0,
+               overrides: Mapping[str, np.ndarray] | None = None,
+               head: tuple[np.ndarray, np.ndarray] | None = None):
+    """The float32 encoder + mean pooling + L2 normalisation as an ``onnx.ModelProto``.
+
+    ``overrides``: float32 tensors that replace the file's under its names (``l4.q.w`` [out, in],
+    ``l4.q.b``, ``l4.aln.w``, ``emb.ln.b``, ...): the layers a fine-tune changed, kept in float32 (a
+    4-bit copy of them would undo the fine-tune). ``head``: (weight [1, H], bias [1]) of a one-logit
+    head on the mean-pooled tokens; the graph then outputs ``score`` [batch] = sigmoid(head(mean))
+    instead of the unit sentence vector (the pair verifier, ``velo_proxy.e5_verifier_export``)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    overrides = dict(overrides or {})
+    unsupported = sorted(k for k in overrides if k.startswith(("emb.word", "emb.pos", "emb.type")))
+    if unsupported:
+        raise ExportError(f"the embedding tables stay the file's 4-bit ones; cannot override {unsupported}")
     H, NH, F = src.hidden, src.heads, src.ffn
     hd = H // NH
     inits: list = []
@@ -447,8 +459,16 @@ def build_onnx(src: E5Source, *, q4: bool = False, accuracy_level: int = 0):
         nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
+    def tensor(name: str) -> np.ndarray:
+        return np.asarray(overrides[name], dtype=np.float32) if name in overrides else src.f32(name).copy()
+
     def linear(x: str, prefix: str, nout: int, nin: int, out: str) -> str:
-        if q4:
+        if prefix + ".w" in overrides:
+            w = np.asarray(overrides[prefix + ".w"], dtype=np.float32).T  # [nin, nout] for x @ W
+            if w.shape != (nin, nout):
+                raise ExportError(f"{prefix}.w has shape {w.T.shape}, the model's is {(nout, nin)}")
+            mm = node("MatMul", [x, const(prefix + ".w", w)], out + "_mm")
+        elif q4:
             # the file's 4-bit blocks as they are, in MatMulNBits' layout (weight 2i in the low
             # nibble of byte i, 2i + 1 in the high one; zero point 8 by default)
             blocks = src.q4(prefix + ".w").reshape(nout, nin // QK)
@@ -465,10 +485,10 @@ def build_onnx(src: E5Source, *, q4: bool = False, accuracy_level: int = 0):
             w = dequantize(src.q4(prefix + ".w"), nout).T  # [nin, nout] for x @ W
             assert w.shape == (nin, nout)
             mm = node("MatMul", [x, const(prefix + ".w", w)], out + "_mm")
-        return node("Add", [mm, const(prefix + ".b", src.f32(prefix + ".b").copy())], out)
+        return node("Add", [mm, const(prefix + ".b", tensor(prefix + ".b"))], out)
 
     def layernorm(x: str, w: str, b: str, out: str) -> str:
-        return node("LayerNormalization", [x, const(w, src.f32(w).copy()), const(b, src.f32(b).copy())], out,
+        return node("LayerNormalization", [x, const(w, tensor(w)), const(b, tensor(b))], out,
                     axis=-1, epsilon=src.eps)
 
     f32 = lambda v: np.array(v, dtype=np.float32)  # noqa: E731
@@ -533,16 +553,25 @@ def build_onnx(src: E5Source, *, q4: bool = False, accuracy_level: int = 0):
     counts = node("Max", [node("ReduceSum", [m3, "axis1"], "counts_raw", keepdims=0), const("tiny", f32(1e-9))],
                   "counts")
     mean = node("Div", [summed, counts], "mean")
-    norm = node("Max", [node("ReduceL2", [mean], "norm_raw", axes=[-1], keepdims=1),
-                        const("tiny_norm", f32(1e-12))], "norm")
-    node("Div", [mean, norm], "sentence_embedding")
+    if head is None:
+        norm = node("Max", [node("ReduceL2", [mean], "norm_raw", axes=[-1], keepdims=1),
+                            const("tiny_norm", f32(1e-12))], "norm")
+        node("Div", [mean, norm], "sentence_embedding")
+        output = helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", H])
+    else:
+        w, b = (np.asarray(t, dtype=np.float32) for t in head)
+        if w.shape != (1, H) or b.shape != (1,):
+            raise ExportError(f"the head must be weight [1, {H}] and bias [1], not {w.shape} and {b.shape}")
+        logit = node("Add", [node("MatMul", [mean, const("head.w", w.T.copy())], "head_mm"), const("head.b", b)],
+                     "logit")  # [B, 1]
+        node("Reshape", [node("Sigmoid", [logit], "score_2d"), const("shape_flat", i64([-1]))], "score")
+        output = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])
 
     graph = helper.make_graph(
-        nodes, "multilingual_e5_small",
+        nodes, "multilingual_e5_small" if head is None else "multilingual_e5_small_pair_verifier",
         inputs=[helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                 helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
-        outputs=[helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", H])],
-        initializer=inits)
+        outputs=[output], initializer=inits)
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if q4 else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="velo-proxy")
     model.ir_version = 8  # opset 17's; readable by onnxruntime >= 1.17 (the runtime's floor)
@@ -550,9 +579,14 @@ def build_onnx(src: E5Source, *, q4: bool = False, accuracy_level: int = 0):
     return model
 
 
-def reference_forward(src: E5Source, ids: list[int]) -> np.ndarray:
-    """The exported graph's computation in numpy, float64, for one unpadded sequence (for checks)."""
+def reference_forward(src: E5Source, ids: list[int], *, overrides: Mapping[str, np.ndarray] | None = None,
+                      head: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The exported graph's computation in numpy, float64, for one unpadded sequence (for checks):
+    the unit sentence vector, or with ``head`` (and ``overrides``, as ``build_onnx`` takes them) the
+    pair verifier's score, a float32 array of one."""
     from math import erf
+
+    overrides = dict(overrides or {})
 
     H, NH = src.hidden, src.heads
     hd = H // NH
@@ -561,13 +595,17 @@ def reference_forward(src: E5Source, ids: list[int]) -> np.ndarray:
     x = dequantize(word, len(ids)).astype(np.float64)
     x += src.f32("emb.pos").reshape(-1, H)[: len(ids)] + src.f32("emb.type").reshape(-1, H)[0]
 
+    def t(name):
+        return np.asarray(overrides[name], dtype=np.float64) if name in overrides else src.f32(name)
+
     def ln(v, w, b):
         mu = v.mean(-1, keepdims=True)
         var = ((v - mu) ** 2).mean(-1, keepdims=True)
-        return (v - mu) / np.sqrt(var + src.eps) * src.f32(w) + src.f32(b)
+        return (v - mu) / np.sqrt(var + src.eps) * t(w) + t(b)
 
     def lin(v, name, nout):
-        return v @ dequantize(src.q4(name + ".w"), nout).astype(np.float64).T + src.f32(name + ".b")
+        w = t(name + ".w") if name + ".w" in overrides else dequantize(src.q4(name + ".w"), nout).astype(np.float64)
+        return v @ w.T + t(name + ".b")
 
     verf = np.vectorize(erf)
     x = ln(x, "emb.ln.w", "emb.ln.b")
@@ -582,6 +620,9 @@ def reference_forward(src: E5Source, ids: list[int]) -> np.ndarray:
         h = 0.5 * h * (1.0 + verf(h / math.sqrt(2.0)))
         x = ln(x + lin(h, f"{p}.fo", H), f"{p}.oln.w", f"{p}.oln.b")
     mean = x.mean(0)
+    if head is not None:
+        w, b = (np.asarray(v, dtype=np.float64) for v in head)
+        return (1.0 / (1.0 + np.exp(-(w @ mean + b)))).astype(np.float32).reshape(1)
     return (mean / np.linalg.norm(mean)).astype(np.float32)
 
 

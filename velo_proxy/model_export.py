@@ -100,6 +100,18 @@ def read_metadata(model_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def export_matches(out_dir: Path, metadata_file: str, files: tuple[str, ...], **expected: Any) -> bool:
+    """``out_dir`` holds ``files`` and a ``metadata_file`` whose fields equal ``expected`` (JSON values, so
+    a recalibrated card, new weights or another precision make an export incomplete)."""
+    out_dir = Path(out_dir)
+    try:
+        meta = json.loads((out_dir / metadata_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and all(meta.get(k) == json.loads(json.dumps(v)) for k, v in expected.items())
+            and all((out_dir / name).is_file() for name in files))
+
+
 def is_complete(out_dir: Path, source_sha256: str | None = None) -> bool:
     """True when ``out_dir`` holds a finished export (of the given source, when a hash is given)."""
     out_dir = Path(out_dir)

@@ -174,7 +174,8 @@ class Services:
         try:
             verifier = PairVerifier(self.settings.verifier_dir, threads=self.settings.verifier_threads,
                                     batch_max=self.settings.verifier_batch_max,
-                                    batch_wait_ms=self.settings.verifier_batch_wait_ms)
+                                    batch_wait_ms=self.settings.verifier_batch_wait_ms,
+                                    embedder_id=self.embedder.id if self.embedder is not None else None)
         except Exception as exc:  # noqa: BLE001 - fail safe: no semantic hits
             self.load_errors["verifier"] = f"{type(exc).__name__}: {exc}"
             log.error("pair verifier unavailable, no semantic hits will be served: %s", exc)

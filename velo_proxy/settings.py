@@ -23,6 +23,8 @@ def default_home() -> Path:
 
 
 DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
+DEFAULT_VERIFIER_NAME = "pair-verifier"
+E5_VERIFIER_NAME = "e5-pair-verifier"
 
 
 class Settings(BaseSettings):
@@ -110,10 +112,15 @@ class Settings(BaseSettings):
     top_p_hits: int = Field(5, ge=1, le=64, description="Hits fetched per request (the policy's P).")
 
     # --- pair verifier ----------------------------------------------------------------------
+    verifier: Literal["pair-verifier", "e5-pair-verifier"] | None = Field(
+        None, description="Which exported pair verifier to load from the models directory: 'pair-verifier' (English, "
+        "all-MiniLM-L6-v2 based) or 'e5-pair-verifier' (multilingual-e5-small based: 'velo-proxy models export "
+        "--verifier e5-pair-verifier'); default: e5-pair-verifier with the multilingual embedder, pair-verifier "
+        "otherwise. verifier_dir overrides it.")
     verifier_dir: Path = Field(
         default_factory=lambda: default_home() / "models" / "pair-verifier",
         description="Directory with the pair verifier (model.onnx + tokenizer.json + velo_verifier.json, written by "
-        "'velo-proxy models export').",
+        "'velo-proxy models export'); default: <models directory>/<verifier>.",
     )
     verifier_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for the pair verifier.")
     verifier_timeout_ms: float = Field(
@@ -258,6 +265,10 @@ class Settings(BaseSettings):
     def _embedder_dir_from_name(self) -> "Settings":
         if "embedder_dir" not in self.model_fields_set:
             self.embedder_dir = default_home() / "models" / self.embedder
+        if self.verifier is None:  # the English verifier cannot read the multilingual embedder's traffic
+            self.verifier = E5_VERIFIER_NAME if self.embedder == "multilingual-e5-small" else DEFAULT_VERIFIER_NAME
+        if "verifier_dir" not in self.model_fields_set:
+            self.verifier_dir = default_home() / "models" / self.verifier
         return self
 
     @model_validator(mode="after")

@@ -15,7 +15,10 @@ and serve the best-scored one when its score reaches the threshold calibrated fo
 false-hit bound (``threshold_for``).
 
 The model directory (written by ``velo-proxy models export``) holds ``model.onnx``,
-``tokenizer.json`` and ``velo_verifier.json`` (id, embedder id, max_length, precision, calibration).
+``tokenizer.json`` and ``velo_verifier.json`` (id, embedder id, max_length, precision, calibration;
+``pad_id``/``pad_token`` when they are not BERT's). Two verifiers have this contract: the English one
+(MiniLM, ``velo_proxy.verifier_export``) and the multilingual one (multilingual-e5-small, no
+``token_type_ids`` input, ``velo_proxy.e5_verifier_export``).
 """
 
 from __future__ import annotations
@@ -113,9 +116,11 @@ class PairVerifier:
     ``score`` (the request path) puts the pairs of concurrent callers together into batches of up to
     ``batch_max`` pairs, one onnxruntime call each, waiting at most ``batch_wait_ms`` for company;
     ``score_sync``, ``score_pairs`` and ``score_many`` (offline, blocking) run at once on the caller's
-    thread and never start the batcher."""
+    thread and never start the batcher. ``embedder_id``: the serving embedder, whose calibration block
+    is used when the model carries several (``calibrations``)."""
 
-    def __init__(self, model_dir: Path, *, threads: int = 1, batch_max: int = 3, batch_wait_ms: float = 0.0) -> None:
+    def __init__(self, model_dir: Path, *, threads: int = 1, batch_max: int = 3, batch_wait_ms: float = 0.0,
+                 embedder_id: str | None = None) -> None:
         self.model_dir = Path(model_dir).expanduser()
         missing = [n for n in (MODEL_FILE, TOKENIZER_FILE, METADATA_FILE) if not (self.model_dir / n).is_file()]
         if missing:
@@ -139,11 +144,24 @@ class PairVerifier:
         except Exception as exc:  # noqa: BLE001 - corrupt or foreign files: same remedy
             raise VerifierUnavailable(f"cannot load the verifier from {self.model_dir}: {exc}; {EXPORT_HINT}.") from exc
         self.id = str(self.metadata.get("id", self.model_dir.name))
-        self.embedder_id = self.metadata.get("embedder_id")
         self.max_length = int(self.metadata.get("max_length", 128))
+        # One model can be calibrated with several embedders (``calibrations``: {embedder id: block}, the
+        # primary first): the cosine floor and the thresholds hold only for the similarities they were
+        # measured with, so the serving embedder picks its block; ``calibration`` is the primary one.
+        self.calibrations: dict[str, dict[str, Any]] = dict(self.metadata.get("calibrations") or {})
+        if not self.calibrations and self.metadata.get("calibration") is not None:
+            self.calibrations = {str(self.metadata.get("embedder_id") or ""): self.metadata["calibration"]}
+        self.embedder_id: str | None = self.metadata.get("embedder_id")
         self.calibration: dict[str, Any] = self.metadata.get("calibration") or {}
+        if embedder_id is not None and "calibrations" in self.metadata:
+            block = self.calibrations.get(embedder_id)
+            # no block for this embedder: report every embedder it has one for (the proxy refuses it)
+            self.embedder_id = embedder_id if block is not None else ", ".join(self.calibrations)
+            self.calibration = block or {}
         self._tokenizer.no_padding()
-        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        # BERT's [PAD] is 0; the multilingual verifier's (XLM-R vocabulary) names its own
+        self._tokenizer.enable_padding(pad_id=int(self.metadata.get("pad_id", 0)),
+                                       pad_token=str(self.metadata.get("pad_token", "[PAD]")))
         self._tokenizer.enable_truncation(max_length=self.max_length, strategy="longest_first")
         self._inputs = [i.name for i in self._session.get_inputs()]
         self.calls = 0  # onnxruntime calls

@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from velo_proxy.model_export import (EMBEDDER_ID, ExportError, OPSET, _offline_env, atomic_export_dir, sha256_file,
-                                     source_model_dir)
+from velo_proxy.model_export import (EMBEDDER_ID, ExportError, OPSET, _offline_env, atomic_export_dir, export_matches,
+                                     sha256_file, source_model_dir)
 from velo_proxy.verifier import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def build_dir(out_dir: Path, *, weights: Path, card: dict[str, Any], precision: 
         raise ExportError(f"unknown verifier precision {precision!r} (int8 or fp32)")
     out_dir = Path(out_dir).expanduser().resolve()
     source = sha256_file(weights)
-    if not force and is_complete(out_dir, source, precision):
+    if not force and is_complete(out_dir, source, precision, (card.get("calibration") or {}).get(precision, {})):
         log.info("verifier already exported at %s", out_dir)
         return out_dir
     with atomic_export_dir(out_dir) as tmp:
@@ -196,14 +196,12 @@ def build_dir(out_dir: Path, *, weights: Path, card: dict[str, Any], precision: 
     return out_dir
 
 
-def is_complete(out_dir: Path, source_sha256: str, precision: str) -> bool:
-    try:
-        meta = json.loads((Path(out_dir) / METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (meta.get("format") == FORMAT_VERSION and meta.get("source_sha256") == source_sha256
-            and meta.get("precision") == precision and (Path(out_dir) / MODEL_FILE).is_file()
-            and (Path(out_dir) / TOKENIZER_FILE).is_file())
+def is_complete(out_dir: Path, source_sha256: str, precision: str, calibration: dict[str, Any] | None = None) -> bool:
+    """An export of these weights and precision is there (and, given ``calibration``, carries it: a card
+    recalibrated without new weights is exported again)."""
+    extra = {} if calibration is None else {"calibration": calibration}
+    return export_matches(out_dir, METADATA_FILE, (MODEL_FILE, TOKENIZER_FILE), format=FORMAT_VERSION,
+                          source_sha256=source_sha256, precision=precision, **extra)
 
 
 def export_verifier(out_dir: Path, *, precision: str | None = None, force: bool = False) -> Path:

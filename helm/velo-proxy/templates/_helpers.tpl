@@ -121,8 +121,11 @@ app.kubernetes.io/component: redis
 {{- if and .Values.retrain.enabled (eq .Values.policy.name "threshold") }}
 {{- fail "retrain.enabled needs policy.name=verified or learned: the threshold policy is recalibrated by nothing the retrain job learns (the verifier stage refits the verified policy's verifier, the lrs stage the learned policy)" }}
 {{- end }}
-{{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") (ne .Values.policy.name "threshold") }}
-{{- fail (printf "config.embedder=%s needs policy.name=threshold: the pair verifier and the shipped LRS policy are built on all-MiniLM-L6-v2 and refuse other vectors, so %s would serve no semantic hit" .Values.config.embedder .Values.policy.name) }}
+{{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") (eq .Values.policy.name "learned") }}
+{{- fail (printf "config.embedder=%s needs policy.name=verified or threshold: the shipped LRS policy is built on all-MiniLM-L6-v2 and refuses other vectors, so learned would serve no semantic hit" .Values.config.embedder) }}
+{{- end }}
+{{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") .Values.retrain.enabled }}
+{{- fail (printf "retrain.enabled needs config.embedder=all-MiniLM-L6-v2: the retrain image's stages refit the English pair verifier and LRS, not %s's multilingual verifier" .Values.config.embedder) }}
 {{- end }}
 {{- if and (eq .Values.learningLoop.judge "llm") (not .Values.learningLoop.judgeModel) }}
 {{- fail "learningLoop.judge=llm needs learningLoop.judgeModel: the client model name the LLM judge asks (the proxy refuses to start without VELO_JUDGE_MODEL)" }}
