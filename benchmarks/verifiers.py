@@ -1,13 +1,14 @@
 """The shipped pair verifiers side by side on held-out stream-shaped workloads (issues #12 and #16).
 
     python benchmarks/verifiers.py            # ~30 min on 2 cores; rewrites the verifiers section of docs/benchmarks.md
+    python benchmarks/verifiers.py --embedder multilingual-e5-small   # retrieval with e5 (its own section)
     python benchmarks/verifiers.py --tiny --no-doc    # smoke size (tests/data slices)
 
 Which verifier should serve English traffic? The English one (all-MiniLM-L6-v2 cross-encoder, the default)
 or the multilingual one (multilingual-e5-small cross-encoder), and that one in fp32 or int8? Each is
 measured the way ``benchmarks/quality.py`` measures the verified policy, on the same workloads (the same
 texts left out: everything any verifier or the shipped LRS policy trains or is calibrated on), with the
-same MiniLM retrieval (top-5, the verifier's cosine floor), at the thresholds its own card calibrated
+same retrieval (MiniLM, or e5 with --embedder; top-5, the verifier's cosine floor for that embedder), at the thresholds its own card calibrated
 for each delta: never a threshold picked on these streams. QQP cross-cluster hits are counted as in
 quality.py: labelled wrong and unlabelled ones at the upper bounds of the label audit of the verifier's
 own hits (``policy.label_audit``; docs/verifier.md, *Label noise*), or the first audit's below its band.
@@ -17,6 +18,7 @@ The static threshold 0.95 (the old default) and the oracle (top-5) are shown for
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -40,7 +42,10 @@ def load_verifiers(embedder_id: str, workdir: Path, *, threads: int) -> dict[str
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier
 
-    out = {"English (MiniLM) fp32": PairVerifier(Settings().verifier_dir, threads=threads, embedder_id=embedder_id)}
+    out = {}
+    english = PairVerifier(Settings(verifier="pair-verifier").verifier_dir, threads=threads, embedder_id=embedder_id)
+    if english.embedder_id == embedder_id:  # calibrated for MiniLM only: it has no rule for e5's similarities
+        out["English (MiniLM) fp32"] = english
     for precision in ("fp32", "int8"):
         path = export_e5_verifier(workdir / f"e5-{precision}", precision=precision)
         out[f"multilingual (e5) {precision}"] = PairVerifier(path, threads=threads, embedder_id=embedder_id)
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--xquad-questions", type=int, default=2000)
     ap.add_argument("--mock-pairs", type=int, default=999)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--embedder", choices=("all-MiniLM-L6-v2", "multilingual-e5-small"), default="all-MiniLM-L6-v2",
+                    help="retrieval embedder (exported); each verifier is measured with its calibration for it")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-speed", dest="speed", action="store_false",
                     help="leave out the verification latency (measure it only with nothing else running)")
@@ -153,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-doc", dest="write_doc", action="store_false")
     args = ap.parse_args(argv)
     if args.data_dir is not None:
-        import os
-
         os.environ["VELO_DATASETS_DIR"] = str(args.data_dir)
+    os.environ["VELO_EMBEDDER"] = args.embedder  # common.load_embedder reads the settings
+    section = SECTION if args.embedder == "all-MiniLM-L6-v2" else f"{SECTION}-e5"
     if args.tiny:
         args.qqp_pairs, args.paws_pairs, args.mock_pairs, args.xquad_questions = 400, 300, 100, 60
     result = evaluate(args)
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown(result, "python benchmarks/verifiers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(body)
     if args.write_doc:
-        Q.write_section(args.doc, SECTION, body)
+        Q.write_section(args.doc, section, body)
     return 0
 
 
