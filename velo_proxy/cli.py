@@ -118,7 +118,12 @@ def _export_verifier(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"velo-proxy: pair verifier not exported: {exc}", file=sys.stderr)
         return 1
-    hint = "" if name == configured.verifier else f" (serve with VELO_VERIFIER={name})"
+    # what serving needs to load it: nothing when it is the chosen embedder's default verifier in its place
+    by_default = E5_VERIFIER_NAME if args.embedder == E5_EMBEDDER else DEFAULT_VERIFIER_NAME
+    if args.verifier_out or args.out:
+        hint = f" (serve with VELO_VERIFIER_DIR={path})"
+    else:
+        hint = "" if name == by_default else f" (serve with VELO_VERIFIER={name})"
     print(f"pair verifier ready at {path}{hint}")
     return 0
 
