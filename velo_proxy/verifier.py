@@ -145,18 +145,16 @@ class PairVerifier:
             raise VerifierUnavailable(f"cannot load the verifier from {self.model_dir}: {exc}; {EXPORT_HINT}.") from exc
         self.id = str(self.metadata.get("id", self.model_dir.name))
         self.max_length = int(self.metadata.get("max_length", 128))
-        # One model can be calibrated with several embedders (``calibrations``: {embedder id: block}, the
-        # primary first): the cosine floor and the thresholds hold only for the similarities they were
-        # measured with, so the serving embedder picks its block; ``calibration`` is the primary one.
-        self.calibrations: dict[str, dict[str, Any]] = dict(self.metadata.get("calibrations") or {})
-        if not self.calibrations and self.metadata.get("calibration") is not None:
-            self.calibrations = {str(self.metadata.get("embedder_id") or ""): self.metadata["calibration"]}
         self.embedder_id: str | None = self.metadata.get("embedder_id")
         self.calibration: dict[str, Any] = self.metadata.get("calibration") or {}
-        if embedder_id is not None and "calibrations" in self.metadata:
-            block = self.calibrations.get(embedder_id)
+        # One model can be calibrated with several embedders (``calibrations``: {embedder id: block}, the
+        # primary first, which is also ``calibration``): the cosine floor and the thresholds hold only for
+        # the similarities they were measured with, so the serving embedder picks its block.
+        calibrations: dict[str, dict[str, Any]] = self.metadata.get("calibrations") or {}
+        if embedder_id is not None and calibrations:
+            block = calibrations.get(embedder_id)
             # no block for this embedder: report every embedder it has one for (the proxy refuses it)
-            self.embedder_id = embedder_id if block is not None else ", ".join(self.calibrations)
+            self.embedder_id = embedder_id if block is not None else ", ".join(calibrations)
             self.calibration = block or {}
         self._tokenizer.no_padding()
         # BERT's [PAD] is 0; the multilingual verifier's (XLM-R vocabulary) names its own
