@@ -20,7 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     LITELLM_LOCAL_MODEL_COST_MAP=True \
     VELO_EMBEDDER_DIR=/opt/velo/models/all-MiniLM-L6-v2 \
-    VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier \
+    VELO_VERIFIER_DIR=/opt/velo/models/e5-pair-verifier \
     VELO_DATA_DIR=/var/lib/velo/data \
     VELO_HOST=0.0.0.0 \
     VELO_PORT=8080
@@ -48,17 +48,21 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir "/src[train,multilingual]" "torch==${TORCH_VERSION}"
 
-# Builder: export the embedder and the pair verifier to ONNX once (the only use of torch on the serving path).
-# EXTRA_EMBEDDERS (space-separated, e.g. "multilingual-e5-small") are exported next to it, to
-# /opt/velo/models/<name>, with the pair verifier that serves them beside (/opt/velo/models/e5-pair-verifier),
+# Builder: export the embedder and the pair verifiers to ONNX once (the only use of torch on the serving path):
+# the default verifier (e5-pair-verifier, VELO_VERIFIER_DIR) and the English one the shipped learned policy was
+# trained with (/opt/velo/models/pair-verifier: `docker run -e VELO_POLICY=learned -e
+# VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier`; the chart sets both from policy.name).
+# EXTRA_EMBEDDERS (space-separated: "all-MiniLM-L6-v2-int8", "multilingual-e5-small") are exported next to it, to
+# /opt/velo/models/<name>, with the pair verifier that serves them beside (/opt/velo/models/<verifier>),
 # for the chart's config.embedder (VELO_EMBEDDER, VELO_VERIFIER_DIR) to select.
 FROM torch AS exporter
 ARG EXTRA_EMBEDDERS=""
-RUN velo-proxy models export \
+RUN velo-proxy models export --out "${VELO_EMBEDDER_DIR}" \
     && test -s "${VELO_EMBEDDER_DIR}/model.onnx" \
     && test -s "${VELO_EMBEDDER_DIR}/tokenizer.json" \
     && test -s "${VELO_VERIFIER_DIR}/model.onnx" \
     && test -s "${VELO_VERIFIER_DIR}/velo_verifier.json" \
+    && test -s /opt/velo/models/pair-verifier/model.onnx \
     && for name in ${EXTRA_EMBEDDERS}; do \
          velo-proxy models export --embedder "${name}" --out "/opt/velo/models/${name}" \
          && test -s "/opt/velo/models/${name}/model.onnx" || exit 1; \

@@ -144,9 +144,12 @@ def loosest_calibrated_delta() -> float:
     """The loosest false-hit bound the exported verifier's calibration holds: the bound at which the verified
     policy serves the most, so that its semantic-hit path (embed, search, verify, serve) can be timed."""
     from velo_proxy.settings import Settings
+    from velo_proxy.verifier import PairVerifier
 
-    meta = json.loads((Settings().verifier_dir / "velo_verifier.json").read_text())
-    thresholds = meta.get("calibration", {}).get("thresholds", {})
+    settings = Settings()
+    embedder_id = json.loads((settings.embedder_dir / "velo_embedder.json").read_text())["id"]
+    # the calibration block the proxy will use: the one for the embedder it serves with
+    thresholds = PairVerifier(settings.verifier_dir, embedder_id=embedder_id).calibration.get("thresholds", {})
     return max((float(d) for d in thresholds), default=0.02)
 
 
@@ -700,7 +703,7 @@ def model_floor(args: argparse.Namespace, n: int = 200) -> dict[str, Any]:
     e, v = np.array(times_embed), np.array(times_verify)
     return {"embed_p50_ms": round(float(np.median(e)), 2), "verify1_p50_ms": round(float(np.median(v)), 2),
             "floor_p50_ms": round(float(np.median(e + v)), 2), "top_k": k, "samples": len(e),
-            "verifier_precision": verifier.metadata.get("precision")}
+            "verifier_precision": verifier.metadata.get("precision"), "embedder_id": embedder.id}
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -911,7 +914,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     if result.get("model_floor"):
         f = result["model_floor"]
         lines.append(f"Model floor of a verified hit (the two model calls alone, in-process, one at a time, "
-                     f"{f['samples']} questions): embed {f['embed_p50_ms']:.2f} ms + verify one candidate "
+                     f"{f['samples']} questions): embed {f['embed_p50_ms']:.2f} ms (`{f.get('embedder_id', '?')}`) "
+                     f"+ verify one candidate "
                      f"{f['verify1_p50_ms']:.2f} ms ({f['verifier_precision']}) = {f['floor_p50_ms']:.2f} ms p50.\n")
     rows = []
     conc = result["args"]["concurrency"]

@@ -195,7 +195,7 @@ def verifier_by_language(data: Path, pairs_per_lang: int, seed: int, threads: in
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier
 
-    v = PairVerifier(Settings().verifier_dir, threads=threads)
+    v = PairVerifier(Settings(verifier="pair-verifier").verifier_dir, threads=threads)
     L = [f"The shipped pair verifier (`{v.id}`, English-trained) per language: AUC of its score, paraphrase vs near "
          f"miss (PAWS-X dev, {pairs_per_lang} pairs per language), and its mean score (`python "
          f"benchmarks/multilingual_quality.py --verifier-only --pawsx-pairs {pairs_per_lang}`).\n",

@@ -530,7 +530,7 @@ def run_gptcache(w: Workload, threshold: float, *, workdir: Path) -> Outcome:
 
 
 def mock_protocol(emb: np.ndarray, mock: list[dict[str, str]], *, workdir: Path, policies: dict[str, Any],
-                  gptcache: bool, verifier: Any = None) -> dict[str, dict[str, int]]:
+                  gptcache: bool, verifier: Any = None, lrs_verifier: Any = None) -> dict[str, dict[str, int]]:
     """GPTCache's benchmark_sqlite_faiss_onnx.py: cache every ``origin`` first, then ask each ``similar``
     once (nothing new is cached): positive = the pair's own origin answered, negative = another origin
     answered, fail = miss. ``emb`` holds origins then similars."""
@@ -547,12 +547,14 @@ def mock_protocol(emb: np.ndarray, mock: list[dict[str, str]], *, workdir: Path,
                               model="bench", expires_at=1e12, created_at=0.0, id=str(i)) for i in range(n)])
         for name, policy in policies.items():
             pos = neg = fail = 0
+            # LRS reads the scores of the verifier it was trained with; the verified policy serves with its own
+            scorer = lrs_verifier if "LRS" in name else verifier
             for i in range(n):
                 hits = store.search(SCOPE, similar[i], limit=TOP_P, now=1.0)
                 scores = None
-                if getattr(policy, "verify_rule", None) is not None and verifier is not None:
+                if getattr(policy, "verify_rule", None) is not None and scorer is not None:
                     idx = policy.to_verify(hits)
-                    vals = verifier.score_sync(mock[i]["similar"], [hits[j].entry.question for j in idx]) if idx else []
+                    vals = scorer.score_sync(mock[i]["similar"], [hits[j].entry.question for j in idx]) if idx else []
                     scores = {j: float(v) for j, v in zip(idx, vals)}
                 d = policy.decide(similar[i], hits, now=1.0, scores=scores)
                 if d.action == "A" and d.entry is not None:
@@ -670,15 +672,17 @@ def held_back(args: argparse.Namespace) -> set[str]:
     return verifier_texts()
 
 
-def load_verifier(args: argparse.Namespace) -> Any | None:
-    """The exported pair verifier (``velo-proxy models export``), or None (its rows are left out)."""
+def load_verifier(args: argparse.Namespace, *, learned: bool = False) -> Any | None:
+    """The exported pair verifier the proxy serves with (``velo-proxy models export``; ``learned``: the one
+    ``VELO_POLICY=learned`` loads), or None (its rows are left out)."""
     if not args.verifier:
         return None
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier, VerifierUnavailable
 
+    settings = Settings(policy="learned") if learned else Settings()
     try:
-        return PairVerifier(Settings().verifier_dir, threads=args.threads)
+        return PairVerifier(settings.verifier_dir, threads=args.threads)
     except VerifierUnavailable as exc:
         print(f"pair verifier not measured: {exc}", file=sys.stderr)
         return None
@@ -738,7 +742,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                exclude=training_texts(DataSpec.tiny() if args.tiny else None) | held_back(args))
     embed_workloads(workloads, cache)
     verifier = load_verifier(args)
-    lrs = {d: load_lrs(embedder, d, verifier) for d in DELTAS}
+    # LRS reads the scores of the verifier it was trained with (the English one, VELO_POLICY=learned's default)
+    lrs_verifier = load_verifier(args, learned=True)
+    lrs = {d: load_lrs(embedder, d, lrs_verifier) for d in DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None
     gpt_err = None if args.gptcache else "disabled (--no-gptcache)"
     if args.gptcache:
@@ -766,7 +772,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                   "negatives": int((~pos).sum()), "curves": {}, "points": {}, "check": {}}
             t0 = time.perf_counter()
             rp = Replay(w.emb, w.cluster, m=args.neighbours)
-            score_pair = pair_scorer(w, verifier)  # one memo per workload, shared by every LRS run on it
+            score_pair = pair_scorer(w, lrs_verifier)  # one memo per workload, shared by every LRS run on it
             wr["neighbours_s"] = round(time.perf_counter() - t0, 2)
             # static thresholds: the curve from the replay
             curve = []
@@ -862,7 +868,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     pols[f"VELO verified δ={float(key):g}"] = VerifiedPolicy(rule=verifier.rule(float(key)), version="bench",
                                                                             top_p=TOP_P)
             result["mock_protocol"] = mock_protocol(emb, mock, workdir=workdir, policies=pols,
-                                                    gptcache=gpt_err is None, verifier=verifier)
+                                                    gptcache=gpt_err is None, verifier=verifier,
+                                                    lrs_verifier=lrs_verifier)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = round(time.time() - t_start, 1)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [json.loads(line) for line in (common.require_data() / "pairs" / "qqp-dev.jsonl").open(encoding="utf-8")]
     questions = [r["q1"] for r in random.Random(args.seed).sample(rows, min(args.questions, len(rows)))]
-    verifier = PairVerifier(Settings().verifier_dir, threads=2)
+    verifier = PairVerifier(Settings(verifier="pair-verifier").verifier_dir, threads=2)  # the English one
     scores = verifier.score_many(questions, questions)
     print(f"verifier {verifier.id}: {len(questions)} QQP questions scored against themselves")
     print("score of (q, q): min %.3f, p5 %.3f, median %.3f, p95 %.3f" % (

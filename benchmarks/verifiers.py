@@ -4,8 +4,8 @@
     python benchmarks/verifiers.py --embedder multilingual-e5-small   # retrieval with e5 (its own section)
     python benchmarks/verifiers.py --tiny --no-doc    # smoke size (tests/data slices)
 
-Which verifier should serve English traffic? The English one (all-MiniLM-L6-v2 cross-encoder, the default)
-or the multilingual one (multilingual-e5-small cross-encoder), and that one in fp32 or int8? Each is
+Which verifier should serve English traffic? The English one (all-MiniLM-L6-v2 cross-encoder, the learned
+policy's) or the multilingual one (multilingual-e5-small cross-encoder, the default), and that one in fp32 or int8? Each is
 measured the way ``benchmarks/quality.py`` measures the verified policy, on the same workloads (the same
 texts left out: everything any verifier or the shipped LRS policy trains or is calibrated on), with the
 same retrieval (MiniLM, or e5 with --embedder; top-5, the verifier's cosine floor for that embedder), at the thresholds its own card calibrated
@@ -45,7 +45,7 @@ def load_verifiers(embedder_id: str, workdir: Path, *, threads: int) -> dict[str
     out = {}
     english = PairVerifier(Settings(verifier="pair-verifier").verifier_dir, threads=threads, embedder_id=embedder_id)
     if english.embedder_id == embedder_id:  # calibrated for MiniLM only: it has no rule for e5's similarities
-        out["English (MiniLM) fp32"] = english
+        out[f"English (MiniLM) {english.metadata.get('precision')}"] = english
     for precision in ("fp32", "int8"):
         path = export_e5_verifier(workdir / f"e5-{precision}", precision=precision)
         out[f"multilingual (e5) {precision}"] = PairVerifier(path, threads=threads, embedder_id=embedder_id)

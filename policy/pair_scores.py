@@ -93,7 +93,8 @@ def load_scorer(verifier_key: str | None = None, verifier_dir: Path | None = Non
 
     from .verifier_calibrate import ScoreCache
 
-    verifier = PairVerifier(verifier_dir or Settings().verifier_dir, threads=2)
+    # the simulator trains the learned policy: its hit features are the scores of the verifier it is served with
+    verifier = PairVerifier(verifier_dir or Settings(policy="learned").verifier_dir, threads=2)
     cache = ScoreCache()
     key = cache.model_key(verifier)
     if verifier_key is not None and key != verifier_key:

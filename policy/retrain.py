@@ -234,7 +234,7 @@ def preflight(cfg: RetrainConfig) -> dict:
         raise RetrainInputError(f"embedder {embedder_dir} (VELO_EMBEDDER_DIR) lacks {', '.join(missing)}: run "
                                 "`velo-proxy models export`, or use the image's train target, which carries it")
     inputs["embedder_dir"] = str(embedder_dir)
-    verifier_dir = Settings().verifier_dir
+    verifier_dir = Settings(policy="learned").verifier_dir  # the learned policy's features are its verifier's scores
     missing = [name for name in ("model.onnx", "tokenizer.json", "velo_verifier.json") if not (verifier_dir / name).is_file()]
     if missing:
         raise RetrainInputError(f"pair verifier {verifier_dir} (VELO_VERIFIER_DIR) lacks {', '.join(missing)}: run "

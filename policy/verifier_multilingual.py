@@ -300,12 +300,15 @@ def main(argv: list[str] | None = None) -> int:
                     "velo_proxy/models/ (with --doc: its card in docs/multilingual.md)")
     ap.add_argument("--ship-only", action="store_true",
                     help="skip training: ship the weights of the run already in --out")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="skip training: measure and calibrate the shipped weights again (work files in --out), "
+                    "keep their id, replace the package's card (with --doc: its section of docs/multilingual.md)")
     args = ap.parse_args(argv)
     if args.data_dir is not None:
         import os
 
         os.environ[D.DATASETS_ENV] = str(args.data_dir)
-    if args.ship_only:
+    if args.ship_only or args.recalibrate:
         return _ship(args, argv)
     import torch
 
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier
 
-    english_verifier = PairVerifier(Settings().verifier_dir, threads=cfg.train.threads)
+    english_verifier = PairVerifier(Settings(verifier="pair-verifier").verifier_dir, threads=cfg.train.threads)
     metrics = measure(sets, {
         f"English verifier ({english_verifier.id})": lambda ps: english_verifier.score_many([p.a for p in ps],
                                                                                           [p.b for p in ps]),
@@ -374,9 +377,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ship(args, argv) -> int:
-    flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--ship-only"]
-    command = "python -m policy.verifier_multilingual " + " ".join(flags + ([] if "--ship" in flags else ["--ship"]))
-    card = ship(args.out, tiny=args.tiny, progress=not args.tiny, command=command)
+    flags = argv if argv is not None else sys.argv[1:]
+    if args.recalibrate:
+        command = "python -m policy.verifier_multilingual " + " ".join(flags)
+        card = recalibrate_shipped(args.out, tiny=args.tiny, progress=not args.tiny, command=command)
+    else:
+        flags = [a for a in flags if a != "--ship-only"]
+        command = "python -m policy.verifier_multilingual " + " ".join(flags + ([] if "--ship" in flags else ["--ship"]))
+        card = ship(args.out, tiny=args.tiny, progress=not args.tiny, command=command)
     if args.doc:
         repo = Path(__file__).resolve().parents[1]
         sys.path.insert(0, str(repo / "benchmarks"))
@@ -406,57 +414,85 @@ def matched_cosine_floor(embedder, spec: V.VerifierDataSpec, *, reference_floor:
 
 
 def ship(run_dir: Path, *, tiny: bool = False, progress: bool = True, command: str = "") -> dict:
-    """The run's weights as the package's multilingual verifier: export fp32 and int8, measure both on the
-    English verifier's held-out pairs, keep int8 only by the English verifier's rule (AUC within 0.005 and
-    >= 1.2x the pairs per second), calibrate the kept precision with each embedder it can serve with
-    (MiniLM, and multilingual-e5-small at the matched cosine floor) on the same English stream-shaped
-    workloads, write the card and copy weights and card into ``velo_proxy/models/``."""
+    """The run's weights as the package's multilingual verifier: a new card (id of today) from the run's
+    result, measured and calibrated by ``calibrate_card``, copied with the weights into ``velo_proxy/models/``."""
     import shutil
 
-    from policy import verifier_calibrate as C
-    from policy.verifier_train import held_out_pairs, int8_pays, measure_precisions
     from velo_proxy import e5_verifier_export as X
-    from velo_proxy.embedder import OnnxEmbedder
-    from velo_proxy.settings import Settings
-    from velo_proxy.verifier import PairVerifier
 
-    t0 = time.time()
     result = json.loads((run_dir / "result.json").read_text())
     weights = run_dir / "e5-verifier.safetensors"
-    vcfg = VerifierConfig(data=V.VerifierDataSpec.tiny()) if tiny else VerifierConfig()
-    sim_spec = D.DataSpec.tiny() if tiny else None
     card: dict = {"id": f"velo-e5-pair-verifier-{time.strftime('%Y%m%d')}", "command": command,
                   "config": {**result["config"], "max_length": result["config"]["train"]["max_length"]},
                   "data": {k: result[k] for k in ("train_pairs", "english_pairs", "sts_pairs", "pawsx_pairs")},
                   "train_minutes": round(result["train_minutes"], 1), "languages": result["metrics"],
                   "metrics": {}, "calibration": {}}
-    held = held_out_pairs(vcfg.data, 120 if tiny else 3000, vcfg.seed)
-    card["metrics"] = measure_precisions(
-        lambda precision: X.build_dir(run_dir / f"model-{precision}", weights=weights, card=card,
-                                      precision=precision, force=True), held, threads=vcfg.threads)
-    card["precision"] = "int8" if int8_pays(card["metrics"]) else "fp32"
-    # both precisions are calibrated (the other one is an operator's choice: int8 trades ranking for speed,
-    # `velo-proxy models export --verifier-precision int8`), each with both embedders
-    workloads = V.calibration_workloads(vcfg.data, sim_spec=sim_spec)
-    minilm = D.load_embedder()
-    e5 = OnnxEmbedder(Settings(embedder="multilingual-e5-small").embedder_dir, threads=2)
-    matched = matched_cosine_floor(e5, vcfg.data, reference_floor=C.COSINE_FLOOR, n=200 if tiny else 2000)
-    for precision in X.PRECISIONS:
-        verifier = PairVerifier(run_dir / f"model-{precision}", threads=vcfg.threads)
-        blocks: dict[str, dict] = {}
-        blocks[minilm.id] = {**C.calibrate(verifier, workloads, embedder=minilm, progress=progress),
-                             "embedder_id": minilm.id}
-        blocks[e5.id] = {**C.calibrate(verifier, workloads, embedder=e5, floor=matched["floor"], progress=progress),
-                         "embedder_id": e5.id, "floor_matched": matched}
-        card["calibration"][precision] = blocks
-        for emb_id, block in blocks.items():
-            print(f"{precision} calibration with {emb_id}: thresholds {block['thresholds']}", file=sys.stderr)
-    card["ship_minutes"] = round((time.time() - t0) / 60, 1)
+    card = calibrate_card(card, weights, run_dir, tiny=tiny, progress=progress)
     (run_dir / X.CARD_FILE).write_text(json.dumps(card, indent=2, default=float) + "\n")
     dst = X.shipped_dir()
     shutil.copyfile(weights, dst / X.WEIGHTS_FILE)
     shutil.copyfile(run_dir / X.CARD_FILE, dst / X.CARD_FILE)
     print(f"shipped to {dst}", file=sys.stderr)
+    return card
+
+
+def recalibrate_shipped(work_dir: Path, *, tiny: bool = False, progress: bool = True, command: str = "") -> dict:
+    """The shipped weights measured and calibrated again (``calibrate_card``) under the card's own id (the label
+    audit of its hits is keyed by it); the new card replaces the package's, the weights stay."""
+    from velo_proxy import e5_verifier_export as X
+
+    card = json.loads((X.shipped_dir() / X.CARD_FILE).read_text())
+    card.update(command=command, metrics={}, calibration={})
+    work_dir.mkdir(parents=True, exist_ok=True)
+    card = calibrate_card(card, X.shipped_dir() / X.WEIGHTS_FILE, work_dir, tiny=tiny, progress=progress)
+    (X.shipped_dir() / X.CARD_FILE).write_text(json.dumps(card, indent=2, default=float) + "\n")
+    print(f"recalibrated card written to {X.shipped_dir() / X.CARD_FILE}", file=sys.stderr)
+    return card
+
+
+def calibrate_card(card: dict, weights: Path, work_dir: Path, *, tiny: bool = False, progress: bool = True) -> dict:
+    """Export fp32 and int8 into ``work_dir``, measure both on the English verifier's held-out pairs, keep int8
+    only by the English verifier's rule (``int8_pays``: AUC within 0.005 and a request-path call >= 1.2x
+    faster), and calibrate both precisions with each embedder the verifier can serve with, on the same English
+    stream-shaped workloads: all-MiniLM-L6-v2 at the cosine floor, and its int8 build and multilingual-e5-small
+    at the floors that keep the same share of QQP training duplicates (``matched_cosine_floor``)."""
+    from policy import verifier_calibrate as C
+    from policy.verifier_train import held_out_pairs, int8_pays, measure_precisions
+    from velo_proxy import e5_verifier_export as X
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.model_export import export_embedder
+    from velo_proxy.settings import MINILM_INT8_EMBEDDER_NAME, Settings
+    from velo_proxy.verifier import PairVerifier
+
+    t0 = time.time()
+    vcfg = VerifierConfig(data=V.VerifierDataSpec.tiny()) if tiny else VerifierConfig()
+    sim_spec = D.DataSpec.tiny() if tiny else None
+    held = held_out_pairs(vcfg.data, 120 if tiny else 3000, vcfg.seed)
+    card["metrics"] = measure_precisions(
+        lambda precision: X.build_dir(work_dir / f"model-{precision}", weights=weights, card=card,
+                                      precision=precision, force=True), held, threads=vcfg.threads)
+    card["precision"] = "int8" if int8_pays(card["metrics"]) else "fp32"
+    # both precisions are calibrated (the other one is an operator's choice: `velo-proxy models export
+    # --verifier-precision`), each with every embedder
+    workloads = V.calibration_workloads(vcfg.data, sim_spec=sim_spec)
+    minilm = D.load_embedder()
+    others = [OnnxEmbedder(export_embedder(work_dir / MINILM_INT8_EMBEDDER_NAME, precision="int8"), threads=2),
+              OnnxEmbedder(Settings(embedder="multilingual-e5-small").embedder_dir, threads=2)]
+    floors = {e.id: matched_cosine_floor(e, vcfg.data, reference_floor=C.COSINE_FLOOR, n=200 if tiny else 2000)
+              for e in others}
+    for precision in X.PRECISIONS:
+        verifier = PairVerifier(work_dir / f"model-{precision}", threads=vcfg.threads)
+        blocks: dict[str, dict] = {}
+        blocks[minilm.id] = {**C.calibrate(verifier, workloads, embedder=minilm, progress=progress),
+                             "embedder_id": minilm.id}
+        for e in others:
+            blocks[e.id] = {**C.calibrate(verifier, workloads, embedder=e, floor=floors[e.id]["floor"],
+                                          progress=progress),
+                            "embedder_id": e.id, "floor_matched": floors[e.id]}
+        card["calibration"][precision] = blocks
+        for emb_id, block in blocks.items():
+            print(f"{precision} calibration with {emb_id}: thresholds {block['thresholds']}", file=sys.stderr)
+    card["ship_minutes"] = round((time.time() - t0) / 60, 1)
     return card
 
 
@@ -472,11 +508,13 @@ def card_markdown(card: dict) -> str:
              f"recomputed) on this 2-core machine; precision shipped: "
              f"**{card['precision']}**.", "",
              "Held-out labelled pairs (the English verifier's 3,000 QQP and PAWS calibration pairs, never trained on):", "",
-             "| precision | ROC AUC | accuracy @ 0.5 | precision @ 0.5 | recall @ 0.5 | pairs/s (bulk, 2 threads) |",
-             "|---|---|---|---|---|---|"]
+             "| precision | ROC AUC | accuracy @ 0.5 | precision @ 0.5 | recall @ 0.5 | pairs/s (bulk, 2 threads) "
+             "| one request-path call p50 (3 pairs, 1 thread) |",
+             "|---|---|---|---|---|---|---|"]
     for prec, m in card["metrics"].items():
+        serve = f"{m['serving_ms']:.2f} ms" if "serving_ms" in m else "–"
         lines.append(f"| {prec} | {m['auc']:.4f} | {m['accuracy@0.5']:.4f} | {m['precision@0.5']:.4f} | "
-                     f"{m['recall@0.5']:.4f} | {m['pairs_per_s']:.0f} |")
+                     f"{m['recall@0.5']:.4f} | {m['pairs_per_s']:.0f} | {serve} |")
     for precision, blocks in card["calibration"].items():
         for emb_id, cal in blocks.items():
             how = ""
@@ -495,11 +533,12 @@ def section_name(cfg: MultilingualConfig, args) -> str:
 
 
 def english_verifier_calibration() -> dict | None:
-    """The shipped English verifier's calibration block, from its card."""
-    from velo_proxy.verifier_export import CARD_FILE, shipped_dir
+    """The shipped English verifier's calibration block (its precision, with all-MiniLM-L6-v2), from its card."""
+    from velo_proxy.model_export import EMBEDDER_ID
+    from velo_proxy.verifier_export import CARD_FILE, calibration_blocks, shipped_dir
 
     card = json.loads((shipped_dir() / CARD_FILE).read_text())
-    return card["calibration"].get(card["precision"])
+    return calibration_blocks(card, card["precision"], default_embedder=EMBEDDER_ID).get(EMBEDDER_ID)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,25 @@ def verifier_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def english_verifier_dir() -> Path:
+    """The English pair verifier (the one the shipped learned policy was trained with; `velo-proxy models export`
+    puts it beside the default e5-pair-verifier)."""
+    path = Settings(verifier="pair-verifier").verifier_dir
+    if not (path / "model.onnx").exists():
+        pytest.fail(f"no English pair verifier at {path}: run `velo-proxy models export` (the README's install step)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def int8_embedder_dir(tmp_path_factory, embedder_dir) -> Path:
+    """all-MiniLM-L6-v2's int8 export (`velo-proxy models export --embedder all-MiniLM-L6-v2-int8`), built for the
+    session (~12 s; the README's install exports only the default embedder)."""
+    from velo_proxy import model_export
+
+    return model_export.export_embedder(tmp_path_factory.mktemp("models") / "all-MiniLM-L6-v2-int8", precision="int8")
+
+
+@pytest.fixture(scope="session")
 def fake_upstream() -> Iterator[ServerThread]:
     server = ServerThread(create_fake_upstream(api_key=UPSTREAM_KEY)).start()
     yield server

@@ -109,12 +109,15 @@ def test_verifiers_smoke(tmp_path: Path) -> None:
     doc.write_text("# Benchmarks\n")
     assert verifiers.main(["--tiny", "--workloads", "qqp", "paws-wiki", "--json", str(out), "--doc", str(doc)]) == 0
     r = json.loads(out.read_text())
-    assert set(r["verifiers"]) == {"English (MiniLM) fp32", "multilingual (e5) fp32", "multilingual (e5) int8"}
-    assert all(v["thresholds"] and v["speed"]["p50_ms"] > 0 for v in r["verifiers"].values())
+    assert set(r["verifiers"]) == {"English (MiniLM) int8", "multilingual (e5) fp32", "multilingual (e5) int8"}
+    assert all(v["speed"]["p50_ms"] > 0 for v in r["verifiers"].values())
+    calibrated = {name for name, v in r["verifiers"].items() if v["thresholds"]}
+    assert calibrated == {"multilingual (e5) fp32", "multilingual (e5) int8"}  # the English card holds no bound
     for w in r["workloads"].values():
         assert w["rows"]["oracle (top-5)"]["false"] == 0
         points = [k for k in w["rows"] if ", δ=" in k]
-        assert {k.split(",")[0] for k in points} == set(r["verifiers"])  # every verifier at its calibrated δ
+        assert {k.split(",")[0] for k in points} == calibrated  # every verifier at its calibrated δ
+        assert w["rows"]["English (MiniLM) int8: no δ holds"] is None
         for k in points:
             m = w["rows"][k]
             assert m["correct"] + m["false"] == m["hits"] and 0 <= m["fhr_estimated"] <= m["fhr"] + 1e-9

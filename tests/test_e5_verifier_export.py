@@ -162,7 +162,7 @@ def test_one_model_carries_a_calibration_per_embedder(tmp_path, weights, card):
 
 
 def test_the_shipped_multilingual_verifier_serves_beside_e5_and_no_near_miss(make_proxy, tmp_path, monkeypatch,
-                                                                           verifier_dir):
+                                                                           english_verifier_dir):
     """`velo-proxy models export --embedder multilingual-e5-small` exports the e5 embedder and, beside it, the
     shipped multilingual verifier, calibrated for both embedders; VELO_EMBEDDER alone selects the pair. At the
     loosest bound its e5 calibration supports, the hand-written near misses (tests/data/near_misses.jsonl)
@@ -180,7 +180,9 @@ def test_the_shipped_multilingual_verifier_serves_beside_e5_and_no_near_miss(mak
     assert Settings(embedder="multilingual-e5-small").verifier_dir == models / "e5-pair-verifier"
     meta = json.loads((models / "e5-pair-verifier" / METADATA_FILE).read_text())
     e5_id = json.loads((models / "multilingual-e5-small" / "velo_embedder.json").read_text())["id"]
-    assert list(meta["calibrations"]) == ["sentence-transformers/all-MiniLM-L6-v2", e5_id]
+    assert list(meta["calibrations"]) == ["sentence-transformers/all-MiniLM-L6-v2",
+                                          "sentence-transformers/all-MiniLM-L6-v2-int8", e5_id]
+    assert not (models / "pair-verifier").exists()  # beside e5 only the verifier that can serve it
     assert meta["calibrations"][e5_id]["cosine_floor"] > 0.85  # e5's compressed scale, not MiniLM's 0.75
     delta = max(float(d) for d in meta["calibrations"][e5_id]["thresholds"])
     server = make_proxy(embedder="multilingual-e5-small", policy="verified", max_false_hit_rate=delta,
@@ -193,20 +195,24 @@ def test_the_shipped_multilingual_verifier_serves_beside_e5_and_no_near_miss(mak
     same = [p["asked"] for p, action, _ in results["same"] if action == "A"]
     assert len(same) >= 2, f"only {len(same)} paraphrases served: {same}"
     # the English verifier has no calibration for e5's similarities: the proxy refuses it and says why
-    english = make_proxy(embedder="multilingual-e5-small", verifier_dir=verifier_dir, policy="verified",
+    english = make_proxy(embedder="multilingual-e5-small", verifier_dir=english_verifier_dir, policy="verified",
                          admin_key=ADMIN)
     check = httpx.get(f"{english.url}/readyz").json()["checks"]["verifier"]
     assert not check["ok"] and "all-MiniLM-L6-v2" in check["detail"] and e5_id in check["detail"], check
 
 
-def test_the_verifier_follows_the_embedder_unless_named(monkeypatch, tmp_path):
-    """VELO_VERIFIER defaults to the verifier that can serve the embedder (the English one cannot read e5's
-    similarities); naming one, or its directory, wins."""
+def test_the_verifier_follows_the_policy_unless_named(monkeypatch, tmp_path):
+    """VELO_VERIFIER defaults to the multilingual verifier (calibrated for every embedder, the only one whose
+    calibration holds a bound), and to the English one with the learned policy, which was trained on its scores;
+    naming one, or its directory, wins."""
     from velo_proxy.settings import Settings
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     models = tmp_path / "velo-proxy" / "models"
-    assert (Settings().verifier, Settings().verifier_dir) == ("pair-verifier", models / "pair-verifier")
+    assert (Settings().verifier, Settings().verifier_dir) == ("e5-pair-verifier", models / "e5-pair-verifier")
+    learned = Settings(policy="learned")
+    assert (learned.verifier, learned.verifier_dir) == ("pair-verifier", models / "pair-verifier")
+    assert Settings(policy="learned", verifier="e5-pair-verifier").verifier == "e5-pair-verifier"
     e5 = Settings(embedder="multilingual-e5-small")
     assert (e5.verifier, e5.verifier_dir) == ("e5-pair-verifier", models / "e5-pair-verifier")
     assert Settings(verifier="e5-pair-verifier").verifier_dir == models / "e5-pair-verifier"

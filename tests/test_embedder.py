@@ -477,3 +477,44 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_int8_export_is_another_embedder_close_to_fp32(model_dir: Path, onnx_embedder: OnnxEmbedder,
+                                                      int8_embedder_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`velo-proxy models export --embedder all-MiniLM-L6-v2-int8`: the same model with int8 weight matmuls.
+    Its vectors are close to fp32's but not equal, so it carries its own id (stores, verifier calibrations and
+    policies tell the two apart); a quantisation that moves a vector too far is refused and leaves nothing."""
+    import onnx
+
+    out = tmp_path / "int8"
+    shutil.copytree(int8_embedder_dir, out)
+    assert model_export.export_embedder(out, precision="int8") == out.resolve()  # complete: kept
+    meta = json.loads((out / "velo_embedder.json").read_text())
+    assert meta["id"] == model_export.EMBEDDER_ID_INT8 != onnx_embedder.id
+    assert meta["precision"] == "int8" and meta["int8_min_cosine_to_fp32"] >= model_export.INT8_MIN_COSINE
+    assert model_export.is_complete(out, precision="int8") and not model_export.is_complete(out)
+    graph = onnx.load(str(out / "model.onnx"))
+    assert any(n.op_type == "MatMulInteger" for n in graph.graph.node)  # the weights really are int8
+    assert {p.key: p.value for p in graph.metadata_props}["velo_embedder_id"] == model_export.EMBEDDER_ID_INT8
+    int8 = OnnxEmbedder(out, threads=1)
+    assert int8.id == model_export.EMBEDDER_ID_INT8 and int8.dim == onnx_embedder.dim
+    texts = ["How do I convert a string to an integer in Python?", "flights from London to New York",
+             "Can I take ibuprofen without alcohol?", "What is the capital of France?"]
+    a, b = int8.embed_sync(texts), onnx_embedder.embed_sync(texts)
+    _unit_rows(a)
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() >= model_export.INT8_MIN_COSINE and cosine.max() < 0.9999  # close, not the same vectors
+    assert (out / "model.onnx").stat().st_size < 0.8 * (model_dir / "model.onnx").stat().st_size
+
+    monkeypatch.setattr(model_export, "INT8_MIN_COSINE", 1.01)  # no quantisation can pass this
+    with pytest.raises(model_export.ExportError, match="int8 embedder moves"):
+        model_export.export_embedder(out, precision="int8", force=True)
+    assert model_export.is_complete(out, precision="int8")  # the previous good export is untouched
+
+
+def test_settings_name_the_int8_embedder_with_the_default_verifier(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    settings = Settings(embedder="all-MiniLM-L6-v2-int8")
+    assert settings.embedder_dir == tmp_path / "velo-proxy" / "models" / "all-MiniLM-L6-v2-int8"
+    assert settings.embedder_dir.name == "all-MiniLM-L6-v2-int8"
+    assert (settings.verifier, settings.verifier_dir.name) == ("e5-pair-verifier", "e5-pair-verifier")

@@ -177,7 +177,9 @@ def test_embedder_is_selected_by_name_with_the_verifier_calibrated_for_it(monkey
 
     cm = configmap(render("default"))
     assert (cm["VELO_EMBEDDER"], cm["VELO_EMBEDDER_DIR"]) == ("all-MiniLM-L6-v2", "/opt/velo/models/all-MiniLM-L6-v2")
-    assert cm["VELO_VERIFIER_DIR"] == "/opt/velo/models/pair-verifier"  # where the image's default export puts it
+    assert cm["VELO_VERIFIER_DIR"] == "/opt/velo/models/e5-pair-verifier"  # where the image's default export puts it
+    cm = configmap(render("default", "policy.name=learned"))  # the English verifier its policy was trained with
+    assert (cm["VELO_VERIFIER"], cm["VELO_VERIFIER_DIR"]) == ("pair-verifier", "/opt/velo/models/pair-verifier")
     for name in ("verified", "threshold"):
         cm = configmap(render("default", "config.embedder=multilingual-e5-small", f"policy.name={name}"))
         assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/multilingual-e5-small"
@@ -187,8 +189,12 @@ def test_embedder_is_selected_by_name_with_the_verifier_calibrated_for_it(monkey
         settings = Settings()
         assert settings.embedder_dir == Path("/opt/velo/models/multilingual-e5-small")
         assert (settings.verifier, settings.verifier_dir) == ("e5-pair-verifier", Path("/opt/velo/models/e5-pair-verifier"))
-    proc = _fails("config.embedder=multilingual-e5-small", "policy.name=learned")
-    assert "needs policy.name=verified or threshold" in proc.stderr
+    cm = configmap(render("default", "config.embedder=all-MiniLM-L6-v2-int8"))  # the default verifier has its block
+    assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/all-MiniLM-L6-v2-int8"
+    assert (cm["VELO_VERIFIER"], cm["VELO_VERIFIER_DIR"]) == ("e5-pair-verifier", "/opt/velo/models/e5-pair-verifier")
+    for embedder in ("multilingual-e5-small", "all-MiniLM-L6-v2-int8"):
+        proc = _fails(f"config.embedder={embedder}", "policy.name=learned")
+        assert "needs policy.name=verified or threshold" in proc.stderr
     proc = _fails("config.embedder=multilingual-e5-small", *RETRAIN)
     assert "retrain.enabled needs config.embedder=all-MiniLM-L6-v2" in proc.stderr
     _fails("config.embedder=bge-m3")  # the schema knows the names the image can carry
@@ -498,7 +504,11 @@ def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, verifie
 
     rootfs = tmp_path / "rootfs"
     rootfs.mkdir()
-    mapping = {image_env["VELO_EMBEDDER_DIR"]: embedder_dir, image_env["VELO_VERIFIER_DIR"]: verifier_dir}
+    from velo_proxy.settings import Settings
+
+    mapping = {image_env["VELO_EMBEDDER_DIR"]: embedder_dir, image_env["VELO_VERIFIER_DIR"]: verifier_dir,
+               # the English verifier the image bakes beside it (the learned policy's)
+               "/opt/velo/models/pair-verifier": Settings(verifier="pair-verifier").verifier_dir}
     for m in c["volumeMounts"]:
         mapping[m["mountPath"]] = tmp_path / "volumes" / m["name"]
         mapping[m["mountPath"]].mkdir(parents=True)
@@ -552,7 +562,9 @@ def test_retrain_cronjob_gets_every_file_and_variable_it_reads(tmp_path: Path, r
     mounts = {m["name"]: mapping[m["mountPath"]] for m in c["volumeMounts"]}
     assert inputs["redis"] == "ok"
     assert inputs["policy_dir"] == str(mounts["policy"])
-    assert inputs["embedder_dir"] == str(embedder_dir) and inputs["verifier_dir"] == str(verifier_dir)
+    # the learned loop: the English verifier its policy was trained with (the chart's VELO_VERIFIER_DIR)
+    assert inputs["embedder_dir"] == str(embedder_dir)
+    assert inputs["verifier_dir"] == str(mapping["/opt/velo/models/pair-verifier"])
     assert inputs["checkpoint"]["version"] == "lrs-default" and Path(inputs["checkpoint"]["path"]).is_file()
     # no datasets directory in the pod: the simulator's texts are the package's snapshot
     assert inputs["simulator_data"]["source"].startswith("package snapshot") and inputs["simulator_data"]["clusters"] > 1000

@@ -112,7 +112,8 @@ def test_mismatched_policy_is_refused_at_start(make_proxy, embedder_dir, tmp_pat
         LearnedPolicy(corrupt, embedder_id=EMBEDDER_ID, dim=384, max_false_hit_rate=0.02)
 
 
-def test_a_policy_trained_on_another_verifiers_scores_is_refused(make_proxy, embedder_dir, verifier_dir, tmp_path):
+def test_a_policy_trained_on_another_verifiers_scores_is_refused(make_proxy, embedder_dir, english_verifier_dir,
+                                                                verifier_dir, tmp_path):
     """The verifier's scores are hit features: a policy that learned from another verifier's scores is
     refused beside this one, at start and by the loader; the shipped default says which verifier it
     learned from, and it is the shipped one."""
@@ -120,7 +121,7 @@ def test_a_policy_trained_on_another_verifiers_scores_is_refused(make_proxy, emb
 
     from velo_proxy.policy import LearnedPolicy, PolicyMismatch, default_policy_path
 
-    installed = json.loads((verifier_dir / "velo_verifier.json").read_text())["source_sha256"]
+    installed = json.loads((english_verifier_dir / "velo_verifier.json").read_text())["source_sha256"]
     shipped = dict(ort.InferenceSession(str(default_policy_path()),
                                         providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
     assert shipped["velo_verifier_sha256"] == installed
@@ -277,8 +278,8 @@ def test_republished_file_is_named_by_the_directory_and_loaded_once(make_proxy, 
     assert "velo_policy_reloads_total 1.0" in httpx.get(f"{proxy.url}/metrics").text
 
 
-def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, verifier_dir, redis_server,
-                                                          serve_policy, paraphrase):
+def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, english_verifier_dir,
+                                                          redis_server, serve_policy, paraphrase):
     """The same request through the proxy (store, engine, experience stream) and through the training
     simulator's cache (policy.sim.EdgeCache) gives the same observation."""
     from policy.sim import EdgeCache, SimEntry
@@ -311,7 +312,7 @@ def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_d
     from policy.pair_scores import PairScores
     from velo_proxy.verifier import PairVerifier
 
-    verifier = PairVerifier(verifier_dir)
+    verifier = PairVerifier(english_verifier_dir)  # the learned policy's (VELO_POLICY=learned loads it)
     scorer = PairScores(rule=verifier.rule(0.02), verifier_key="test", _scorer=verifier.score_pairs)
     sim_hits = cache.search(u_similar[0], 5)
     sim_hits[0].entry.qid = 1

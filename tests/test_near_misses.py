@@ -72,6 +72,42 @@ def default_results(fake_upstream, tmp_path_factory, embedder_dir, verifier_dir)
     return results
 
 
+@pytest.fixture(scope="module")
+def int8_results(fake_upstream, tmp_path_factory, int8_embedder_dir, verifier_dir):
+    """The same pairs with the int8 embedder (VELO_EMBEDDER=all-MiniLM-L6-v2-int8): the verifier serves with
+    the calibration block it carries for that embedder, at that block's loosest bound."""
+    from velo_proxy.app import create_app
+    from velo_proxy.devtools.server import ServerThread
+    from velo_proxy.model_export import EMBEDDER_ID_INT8
+    from velo_proxy.settings import Settings
+
+    from tests.conftest import UPSTREAM_KEY
+
+    blocks = json.loads((verifier_dir / "velo_verifier.json").read_text())["calibrations"]
+    assert EMBEDDER_ID_INT8 in blocks, "the shipped verifier is not calibrated for the int8 embedder"
+    settings = Settings(upstream_base_url=f"{fake_upstream.url}/v1", upstream_api_key=UPSTREAM_KEY,
+                        data_dir=tmp_path_factory.mktemp("nm8") / "data", admin_key=ADMIN, shadow_rate=0.0,
+                        embedder="all-MiniLM-L6-v2-int8", embedder_dir=int8_embedder_dir,
+                        max_false_hit_rate=max(float(d) for d in blocks[EMBEDDER_ID_INT8]["thresholds"]))
+    server = ServerThread(create_app(settings)).start()
+    try:
+        results = run_pairs(server)
+        results["ready"] = httpx.get(f"{server.url}/readyz").json()
+    finally:
+        server.stop()
+    results["block"] = blocks[EMBEDDER_ID_INT8]
+    return results
+
+
+def test_the_int8_embedder_serves_paraphrases_and_no_near_miss(int8_results):
+    assert int8_results["ready"]["checks"]["verifier"]["ok"] is True
+    served = [(p["kind"], p["asked"]) for p, action, _ in int8_results["near"] if action == "A"]
+    assert not served, f"near misses served from the cache with the int8 embedder: {served}"
+    hits = [p["asked"] for p, action, _ in int8_results["same"] if action == "A"]
+    assert len(hits) >= 2, f"only {len(hits)} paraphrases served with the int8 embedder: {hits}"
+    assert "floor_matched" in int8_results["block"]  # its own floor, matched to fp32's share of duplicates
+
+
 def test_no_near_miss_is_served_at_the_calibrated_bound(default_results):
     served = [(p["kind"], p["asked"], v) for p, action, v in default_results["near"] if action == "A"]
     assert not served, f"near misses served from the cache: {served}"

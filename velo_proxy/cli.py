@@ -2,6 +2,7 @@
 
     velo-proxy serve [--upstream-base-url URL] [--port 8080] [... one flag per VELO_* setting]
     velo-proxy models export [--out DIR] [--force]
+    velo-proxy models export --embedder all-MiniLM-L6-v2-int8 [--out DIR]
     velo-proxy models export --embedder multilingual-e5-small [--out DIR] [--precision q4|int8|fp32]
     velo-proxy models export [--embedder NAME] --verifier e5-pair-verifier [--verifier-out DIR]
     velo-proxy retrain [--redis-url URL] [--policy-dir DIR] [...]   (training extra)
@@ -18,7 +19,8 @@ from typing import Any, Sequence
 
 from pydantic import ValidationError
 
-from velo_proxy.settings import DEFAULT_EMBEDDER_NAME, DEFAULT_VERIFIER_NAME, E5_VERIFIER_NAME, Settings, default_home
+from velo_proxy.settings import (DEFAULT_EMBEDDER_NAME, DEFAULT_VERIFIER_NAME, E5_VERIFIER_NAME, ENGLISH_VERIFIER_NAME,
+                                 MINILM_INT8_EMBEDDER_NAME, Settings, default_home)
 
 E5_EMBEDDER = "multilingual-e5-small"
 
@@ -79,25 +81,50 @@ def cmd_models_export(args: argparse.Namespace) -> int:
         print(f"velo-proxy: --precision applies to --embedder {E5_EMBEDDER} only", file=sys.stderr)
         return 2
     else:
-        out = Path(args.out) if args.out else Settings().embedder_dir
+        configured = Settings()
+        if args.out:
+            out = Path(args.out)
+        elif args.embedder == configured.embedder:  # VELO_EMBEDDER_DIR names this embedder's directory
+            out = configured.embedder_dir
+        else:
+            out = default_home() / "models" / args.embedder
+        precision = "int8" if args.embedder == MINILM_INT8_EMBEDDER_NAME else "fp32"
         try:
-            path = export_embedder(out, force=args.force)
+            path = export_embedder(out, precision=precision, force=args.force)
         except ExportError as exc:
             print(f"velo-proxy: embedder not exported: {exc}", file=sys.stderr)
             return 1
-        print(f"embedder ready at {path}")
+        hint = ""
+        if args.out:
+            hint = f" (serve with VELO_EMBEDDER_DIR={path})"
+        elif args.embedder != DEFAULT_EMBEDDER_NAME:
+            hint = f" (serve with VELO_EMBEDDER={args.embedder})"
+        print(f"embedder ready at {path}{hint}")
         status = 0
     if status or args.no_verifier:
         return status
-    return _export_verifier(args)
+    for name in _verifiers_to_export(args):
+        status = _export_verifier(args, name)
+        if status:
+            return status
+    return 0
 
 
-def _export_verifier(args: argparse.Namespace) -> int:
-    """The pair verifier named by --verifier (default: the one that serves the chosen embedder)."""
+def _verifiers_to_export(args: argparse.Namespace) -> list[str]:
+    """--verifier's, else the default verifier and, beside all-MiniLM-L6-v2 (either build), the English one the
+    shipped learned policy was trained with (VELO_POLICY=learned loads it)."""
+    if args.verifier:
+        return [args.verifier]
+    if args.embedder == E5_EMBEDDER or args.verifier_out:
+        return [DEFAULT_VERIFIER_NAME]
+    return [DEFAULT_VERIFIER_NAME, ENGLISH_VERIFIER_NAME]
+
+
+def _export_verifier(args: argparse.Namespace, name: str) -> int:
+    """The pair verifier ``name``, into --verifier-out, beside --out, or where the settings look for it."""
     from velo_proxy.model_export import ExportError
 
     configured = Settings()
-    name = args.verifier or Settings(embedder=args.embedder).verifier
     if args.verifier_out:
         out = Path(args.verifier_out)
     elif args.out:  # beside the embedder it serves (the image bakes /opt/velo/models/<name> for each)
@@ -118,12 +145,13 @@ def _export_verifier(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"velo-proxy: pair verifier not exported: {exc}", file=sys.stderr)
         return 1
-    # what serving needs to load it: nothing when it is the chosen embedder's default verifier in its place
-    by_default = E5_VERIFIER_NAME if args.embedder == E5_EMBEDDER else DEFAULT_VERIFIER_NAME
+    # what serving needs to load it: nothing when it is the default verifier in its place
     if args.verifier_out or args.out:
         hint = f" (serve with VELO_VERIFIER_DIR={path})"
+    elif name == ENGLISH_VERIFIER_NAME:
+        hint = " (loaded with VELO_POLICY=learned, or VELO_VERIFIER=pair-verifier)"
     else:
-        hint = "" if name == by_default else f" (serve with VELO_VERIFIER={name})"
+        hint = "" if name == DEFAULT_VERIFIER_NAME else f" (serve with VELO_VERIFIER={name})"
     print(f"pair verifier ready at {path}{hint}")
     return 0
 
@@ -163,19 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="Manage the bundled models.")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     export = model_commands.add_parser(
-        "export", help="Export the embedder (all-MiniLM-L6-v2) and the pair verifier to ONNX (needs the 'export' extra), "
+        "export", help="Export the embedder (all-MiniLM-L6-v2, or its int8 quantisation with --embedder "
+        f"{MINILM_INT8_EMBEDDER_NAME}) and the pair verifier to ONNX (needs the 'export' extra), "
         f"or, with --embedder {E5_EMBEDDER}, the multilingual embedder and verifier (needs the 'multilingual' extra).")
-    export.add_argument("--embedder", choices=(DEFAULT_EMBEDDER_NAME, E5_EMBEDDER), default=DEFAULT_EMBEDDER_NAME,
+    export.add_argument("--embedder", choices=(DEFAULT_EMBEDDER_NAME, MINILM_INT8_EMBEDDER_NAME, E5_EMBEDDER),
+                        default=DEFAULT_EMBEDDER_NAME,
                         help=f"Which embedder [default: {DEFAULT_EMBEDDER_NAME}].")
-    export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR; for "
-                        f"{E5_EMBEDDER}: <data home>/models/{E5_EMBEDDER}].")
+    export.add_argument("--out", default=None, help="Target directory [default: VELO_EMBEDDER_DIR for the configured "
+                        "embedder (VELO_EMBEDDER), else <data home>/models/<embedder>].")
     export.add_argument("--precision", choices=("q4", "int8", "fp32"), default=None,
                         help=f"{E5_EMBEDDER} weights: q4 (the package's 4-bit weights as they are), int8 or fp32 "
                         "[default: q4].")
     export.add_argument("--force", action="store_true", help="Export again even if a complete model is there.")
-    export.add_argument("--verifier", choices=(DEFAULT_VERIFIER_NAME, E5_VERIFIER_NAME), default=None,
-                        help=f"Which pair verifier [default: {E5_VERIFIER_NAME} with --embedder {E5_EMBEDDER}, "
-                        f"{DEFAULT_VERIFIER_NAME} otherwise; {E5_VERIFIER_NAME} needs the 'multilingual' extra].")
+    export.add_argument("--verifier", choices=(ENGLISH_VERIFIER_NAME, E5_VERIFIER_NAME), default=None,
+                        help=f"Which pair verifier [default: {DEFAULT_VERIFIER_NAME} (it needs the 'multilingual' "
+                        f"extra), and beside all-MiniLM-L6-v2 also {ENGLISH_VERIFIER_NAME}, the learned policy's].")
     export.add_argument("--verifier-out", default=None, help="Pair verifier directory [default: <parent of --out>/"
                         "<verifier> when --out is given, else VELO_VERIFIER_DIR or <data home>/models/<verifier>].")
     export.add_argument("--verifier-precision", choices=("int8", "fp32"), default=None,

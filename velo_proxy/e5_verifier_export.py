@@ -31,6 +31,7 @@ import numpy as np
 
 from velo_proxy.model_export import ExportError, atomic_export_dir, export_matches, sha256_file
 from velo_proxy.verifier import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE
+from velo_proxy.verifier_export import calibration_blocks  # one reading of a card for both verifiers
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +173,6 @@ def build_dir(out_dir: Path, *, weights: Path, card: dict[str, Any], precision: 
         log.info("multilingual verifier exported (%s) in %.1fs, fp32 parity %.2e", precision,
                  time.perf_counter() - started, diff)
     return out_dir
-
-
-def calibration_blocks(card: Mapping[str, Any], precision: str) -> dict[str, dict[str, Any]]:
-    """The card's calibrations of ``precision`` by embedder id, the primary first. A card holds either one
-    block (with its ``embedder_id``) or ``{embedder id: block}``: one per embedder the verifier was
-    calibrated with (the cosine floor and thresholds hold only for that embedder's similarities)."""
-    value = (card.get("calibration") or {}).get(precision) or {}
-    if not value:
-        return {}
-    if "thresholds" in value or "embedder_id" in value:
-        return {str(value.get("embedder_id") or card.get("embedder_id") or ""): dict(value)}
-    return {str(k): {**v, "embedder_id": k} for k, v in value.items()}
 
 
 def is_complete(out_dir: Path, source_sha256: str, precision: str, base_sha256: str,

@@ -187,7 +187,9 @@ class Services:
             log.error("pair verifier refused: %s; no semantic hits will be served", self.load_errors["verifier"])
             verifier.close()
             return
-        if not verifier.calibration.get("thresholds"):
+        # a calibration whose thresholds hold no bound is a calibration (its verifier serves no semantic hit, its
+        # scores are still the learned policy's features and the judge's verdicts); none at all is refused
+        if "thresholds" not in verifier.calibration:
             self.load_errors["verifier"] = "the verifier carries no calibration"
             log.error("pair verifier refused: %s", self.load_errors["verifier"])
             verifier.close()

@@ -23,8 +23,13 @@ def default_home() -> Path:
 
 
 DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
-DEFAULT_VERIFIER_NAME = "pair-verifier"
+ENGLISH_VERIFIER_NAME = "pair-verifier"
 E5_VERIFIER_NAME = "e5-pair-verifier"
+#: The verifier that serves by default: the only one whose calibration holds a bound on QQP-shaped streams once
+#: the label audit of its own hits is counted (docs/verifier.md, "What the calibration says").
+DEFAULT_VERIFIER_NAME = E5_VERIFIER_NAME
+#: all-MiniLM-L6-v2 with int8 weight matmuls: ~2.7x faster per question, another embedder id (its vectors differ)
+MINILM_INT8_EMBEDDER_NAME = "all-MiniLM-L6-v2-int8"
 
 
 class Settings(BaseSettings):
@@ -113,12 +118,13 @@ class Settings(BaseSettings):
 
     # --- pair verifier ----------------------------------------------------------------------
     verifier: Literal["pair-verifier", "e5-pair-verifier"] | None = Field(
-        None, description="Which exported pair verifier to load from the models directory: 'pair-verifier' (English, "
-        "all-MiniLM-L6-v2 based) or 'e5-pair-verifier' (multilingual-e5-small based: 'velo-proxy models export "
-        "--verifier e5-pair-verifier'); default: e5-pair-verifier with the multilingual embedder, pair-verifier "
-        "otherwise. verifier_dir overrides it.")
+        None, description="Which exported pair verifier to load from the models directory: 'e5-pair-verifier' "
+        "(multilingual-e5-small based, calibrated for every embedder; the default) or 'pair-verifier' (English, "
+        "all-MiniLM-L6-v2 based: the one the shipped LRS policy was trained with, so the default with "
+        "policy=learned; its calibration holds no bound, so it serves no semantic hit by itself). "
+        "verifier_dir overrides it.")
     verifier_dir: Path = Field(
-        default_factory=lambda: default_home() / "models" / "pair-verifier",
+        default_factory=lambda: default_home() / "models" / DEFAULT_VERIFIER_NAME,
         description="Directory with the pair verifier (model.onnx + tokenizer.json + velo_verifier.json, written by "
         "'velo-proxy models export'); default: <models directory>/<verifier>.",
     )
@@ -140,9 +146,11 @@ class Settings(BaseSettings):
         "bound (a hit it rejects is forwarded); the verifier's scores are the policy's features either way.")
 
     # --- embedder ---------------------------------------------------------------------------
-    embedder: Literal["all-MiniLM-L6-v2", "multilingual-e5-small"] = Field(
+    embedder: Literal["all-MiniLM-L6-v2", "all-MiniLM-L6-v2-int8", "multilingual-e5-small"] = Field(
         DEFAULT_EMBEDDER_NAME, description="Which exported embedder to load from the models directory "
-        "('velo-proxy models export [--embedder multilingual-e5-small]'); embedder_dir overrides it.")
+        "('velo-proxy models export [--embedder all-MiniLM-L6-v2-int8|multilingual-e5-small]'): all-MiniLM-L6-v2 "
+        "(English), its int8 quantisation (faster; a separate cache, and the learned policy needs the fp32 one) "
+        "or multilingual-e5-small; embedder_dir overrides it.")
     embedder_dir: Path = Field(
         default_factory=lambda: default_home() / "models" / DEFAULT_EMBEDDER_NAME,
         description="Directory with model.onnx + tokenizer.json (written by 'velo-proxy models export'); "
@@ -265,8 +273,9 @@ class Settings(BaseSettings):
     def _embedder_dir_from_name(self) -> "Settings":
         if "embedder_dir" not in self.model_fields_set:
             self.embedder_dir = default_home() / "models" / self.embedder
-        if self.verifier is None:  # the English verifier cannot read the multilingual embedder's traffic
-            self.verifier = E5_VERIFIER_NAME if self.embedder == "multilingual-e5-small" else DEFAULT_VERIFIER_NAME
+        if self.verifier is None:
+            # a learned policy reads the scores of the verifier it was trained with (it refuses another one)
+            self.verifier = ENGLISH_VERIFIER_NAME if self.policy == "learned" else DEFAULT_VERIFIER_NAME
         if "verifier_dir" not in self.model_fields_set:
             self.verifier_dir = default_home() / "models" / self.verifier
         return self

@@ -20,18 +20,22 @@ import os
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from velo_proxy.model_export import (EMBEDDER_ID, ExportError, OPSET, _offline_env, atomic_export_dir, export_matches,
-                                     sha256_file, source_model_dir)
+                                     quiet_quantizer, sha256_file, source_model_dir)
 from velo_proxy.verifier import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "pair-verifier.safetensors"
 CARD_FILE = "pair-verifier.json"
-FORMAT_VERSION = 1
+# 2: int8 weights quantised per output channel, and one calibration block per embedder (``calibrations``)
+FORMAT_VERSION = 2
 PARITY_TOLERANCE = 1e-4  # on scores in [0, 1]
+#: the int8 graph may move a parity pair's score this much from fp32's (a guard against a broken
+#: quantisation, not a quality bar: the card measures held-out AUC and calibrates each precision)
+INT8_TOLERANCE = 0.2
 PARITY_PAIRS = [
     ("How do I convert a string to an int in Python?", "How do I convert an int to a string in Python?"),
     ("Can I take ibuprofen with alcohol?", "Is it safe to drink alcohol after taking ibuprofen?"),
@@ -142,10 +146,13 @@ def export_onnx(module, path: Path) -> None:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of the MatMul weights (activations quantised per call)."""
+    """Dynamic int8 quantisation of the MatMul weights, one scale per output channel (activations quantised
+    per call). Per channel, because one scale per tensor cost ranking: held-out AUC 0.8341 against fp32's
+    0.8391, per channel 0.8413 (docs/verifier.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    with quiet_quantizer():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
 
 
 def check_parity(model_dir: Path, module, pairs: list[tuple[str, str]] | None = None) -> float:
@@ -165,13 +172,22 @@ def check_parity(model_dir: Path, module, pairs: list[tuple[str, str]] | None = 
     return max(float(np.abs(got - ref).max()), float(np.abs(single - ref).max()))
 
 
+def _scores(model_dir: Path) -> list[float]:
+    from velo_proxy.verifier import PairVerifier
+
+    verifier = PairVerifier(model_dir)
+    return [float(x) for x in verifier.score_pairs([a for a, _ in PARITY_PAIRS], [b for _, b in PARITY_PAIRS])]
+
+
 def build_dir(out_dir: Path, *, weights: Path, card: dict[str, Any], precision: str, force: bool = False) -> Path:
     """Write ``out_dir`` (model.onnx, tokenizer.json, velo_verifier.json) atomically."""
     if precision not in ("int8", "fp32"):
         raise ExportError(f"unknown verifier precision {precision!r} (int8 or fp32)")
     out_dir = Path(out_dir).expanduser().resolve()
     source = sha256_file(weights)
-    if not force and is_complete(out_dir, source, precision, (card.get("calibration") or {}).get(precision, {})):
+    calibrations = calibration_blocks(card, precision, default_embedder=EMBEDDER_ID)
+    primary = next(iter(calibrations), EMBEDDER_ID)
+    if not force and is_complete(out_dir, source, precision, calibrations):
         log.info("verifier already exported at %s", out_dir)
         return out_dir
     with atomic_export_dir(out_dir) as tmp:
@@ -180,28 +196,48 @@ def build_dir(out_dir: Path, *, weights: Path, card: dict[str, Any], precision: 
         max_length = int(card.get("config", {}).get("max_length", 128))
         write_tokenizer(tmp / TOKENIZER_FILE, max_length)
         export_onnx(module, tmp / MODEL_FILE)
-        meta = {"id": card.get("id", "velo-pair-verifier"), "embedder_id": EMBEDDER_ID, "max_length": max_length,
+        meta = {"id": card.get("id", "velo-pair-verifier"), "embedder_id": primary, "max_length": max_length,
                 "precision": precision, "source_sha256": source, "format": FORMAT_VERSION,
-                "calibration": (card.get("calibration") or {}).get(precision, {})}
+                "calibration": calibrations.get(primary, {}), "calibrations": calibrations}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         diff = check_parity(tmp, module)
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(f"exported verifier does not match torch: max abs diff {diff:.2e}")
+        meta["parity_fp32_max_abs_diff"] = diff
         if precision == "int8":
+            fp32_scores = _scores(tmp)
             quantize_int8(tmp / MODEL_FILE, tmp / "model-int8.onnx")
             os.replace(tmp / "model-int8.onnx", tmp / MODEL_FILE)
-        meta["parity_fp32_max_abs_diff"] = diff
+            q_diff = float(max(abs(a - b) for a, b in zip(_scores(tmp), fp32_scores)))
+            if not q_diff <= INT8_TOLERANCE:
+                raise ExportError(f"the int8 verifier moves a score by {q_diff:.3f} (> {INT8_TOLERANCE})")
+            meta["int8_vs_fp32_max_abs_diff"] = q_diff
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         log.info("verifier exported (%s) in %.1fs, fp32 parity %.2e", precision, time.perf_counter() - started, diff)
     return out_dir
 
 
-def is_complete(out_dir: Path, source_sha256: str, precision: str, calibration: dict[str, Any] | None = None) -> bool:
-    """An export of these weights and precision is there (and, given ``calibration``, carries it: a card
+def is_complete(out_dir: Path, source_sha256: str, precision: str,
+                calibrations: Mapping[str, Any] | None = None) -> bool:
+    """An export of these weights and precision is there (and, given ``calibrations``, carries them: a card
     recalibrated without new weights is exported again)."""
-    extra = {} if calibration is None else {"calibration": calibration}
+    extra = {} if calibrations is None else {"calibrations": dict(calibrations)}
     return export_matches(out_dir, METADATA_FILE, (MODEL_FILE, TOKENIZER_FILE), format=FORMAT_VERSION,
                           source_sha256=source_sha256, precision=precision, **extra)
+
+
+def calibration_blocks(card: Mapping[str, Any], precision: str, *,
+                       default_embedder: str | None = None) -> dict[str, dict[str, Any]]:
+    """The card's calibrations of ``precision`` by embedder id, the primary first. A card holds either one
+    block (with its ``embedder_id``, else ``default_embedder``'s) or ``{embedder id: block}``: one per
+    embedder the verifier was calibrated with (the cosine floor and thresholds hold only for that
+    embedder's similarities)."""
+    value = (card.get("calibration") or {}).get(precision) or {}
+    if not value:
+        return {}
+    if "thresholds" in value or "embedder_id" in value:
+        return {str(value.get("embedder_id") or card.get("embedder_id") or default_embedder or ""): dict(value)}
+    return {str(k): {**v, "embedder_id": k} for k, v in value.items()}
 
 
 def export_verifier(out_dir: Path, *, precision: str | None = None, force: bool = False) -> Path:
