@@ -566,6 +566,11 @@ def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, An
                            "upstream_ms": mean("velo_upstream_seconds")}
     for action in ("A", "B", "exact"):
         out[f"in_proxy_{action}_ms"] = mean("velo_request_seconds", f'{{action="{action}"}}')
+    # an A is either a verified semantic hit or a same-question hit (the request's own text cached, e.g. by a
+    # fail-open B earlier in the run: served without the verifier); the hit-path targets count the first kind
+    for key, metric in (("verified_served", 'velo_verifier_outcomes_total{outcome="served"}'),
+                        ("same_question", "velo_same_question_hits_total")):
+        out[key] = int(after.get(metric, 0.0) - before.get(metric, 0.0))
     fails = {k: after[k] - before.get(k, 0.0) for k in after
              if k.startswith("velo_component_failures_total") and after[k] - before.get(k, 0.0) > 0}
     if fails:
@@ -613,6 +618,8 @@ def bench_proxy(name: str, proxy: Proc, upstream_rows: dict[int, dict[str, Any]]
                         offset=seed_off)
             r["breakdown"] = breakdown(m0, scrape(url))
             r["load"] = loadavg()
+            if case == "semantic hit":
+                r["verified_rps"] = r["breakdown"]["verified_served"] / r["seconds"] if r["seconds"] else float("nan")
             res["_last_failures"] = r["breakdown"].get("failures")
             res["cases"].setdefault(case, {})[c] = r
             print(f"  [{name}] {case} c={c}: p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms, {r['rps']:.0f}/s, "
@@ -816,7 +823,8 @@ def _floor_ratio(r: dict[str, Any], result: dict[str, Any]) -> float | None:
 TARGETS = [
     ("verified semantic hit p50 ≤ 10 ms at c=1", lambda r, res: r["cases"]["semantic hit"].get(1, {}).get("p50_ms"), 10.0),
     ("semantic hit p50 at c=1 ≤ 1.3 × the model floor", _floor_ratio, 1.3),
-    ("≥ 200 hits/s at c=32", lambda r, res: r["cases"]["semantic hit"].get(32, {}).get("rps"), -200.0),
+    ("≥ 200 verified hits/s at c=32", lambda r, res: (lambda x: x.get("verified_rps", x.get("rps")))(
+        r["cases"]["semantic hit"].get(32, {})), -200.0),
     ("exact hit p99 ≤ 5 ms at c=1", lambda r, res: r["cases"]["exact hit"].get(1, {}).get("p99_ms"), 5.0),
     ("miss overhead p50 ≤ 20 ms (c=8)", lambda r, res: r["cases"]["miss"].get(8, {}).get("overhead_p50_ms"), 20.0),
 ]
@@ -932,8 +940,13 @@ def markdown(result: dict[str, Any], command: str) -> str:
                                  f"{x['ttfb_p99_ms']:.1f}", "", "", _acts(x["actions"])])
                     continue
                 extra = f"{x['overhead_p50_ms']:+.1f} / {x['overhead_p99_ms']:+.1f}" if "overhead_p50_ms" in x else ""
+                did = _acts(x["actions"]) + (f", {x['errors']} errors" if x["errors"] else "")
+                if case == "semantic hit" and "verified_rps" in x:
+                    b = x["breakdown"]
+                    did += (f" (A: {b['verified_served']} verified, {b['same_question']} same question; "
+                            f"{x['verified_rps']:.1f} verified/s)")
                 rows.append([name, case, c, x["requests"], f"{x['p50_ms']:.1f}", f"{x['p95_ms']:.1f}", f"{x['p99_ms']:.1f}",
-                             f"{x['rps']:.1f}", extra, _acts(x["actions"]) + (f", {x['errors']} errors" if x["errors"] else "")])
+                             f"{x['rps']:.1f}", extra, did])
     if "gptcache" in result and "cases" in result["gptcache"]:
         for c, x in sorted(result["gptcache"]["cases"].items()):
             rows.append([f"GPTCache server {size_label(result['gptcache']['entries'])}", "POST /get (lookup only)", c,
@@ -944,7 +957,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lines.append("\nPercentiles are wrk's, which corrects for coordinated omission: one request that stalls for "
                  "100 ms at c=1 also counts as the ~100 requests a client at the run's mean rate would have sent "
                  "meanwhile, so a handful of stalls shows in the p99 (the slowest single request of each run is "
-                 "`max_ms` in latency.json).\n")
+                 "`max_ms` in latency.json). A semantic-hit run's A is a verified hit or a same-question hit: a body "
+                 "that failed open (B) earlier is stored under its own text, and its repeats are then served without "
+                 "the verifier (`scope.same_question`); the last column splits them, and the hits/s target counts "
+                 "verified hits only.\n")
     brow = []
     for name, r in result["configs"].items():
         for case in ("semantic hit", "exact hit", "miss"):
