@@ -456,8 +456,7 @@ def calibrate_card(card: dict, weights: Path, work_dir: Path, *, tiny: bool = Fa
     faster), and calibrate both precisions with each embedder the verifier can serve with, on the same English
     stream-shaped workloads: all-MiniLM-L6-v2 at the cosine floor, and its int8 build and multilingual-e5-small
     at the floors that keep the same share of QQP training duplicates (``matched_cosine_floor``)."""
-    from policy import verifier_calibrate as C
-    from policy.verifier_train import held_out_pairs, int8_pays, measure_precisions
+    from policy.verifier_train import calibrate_per_embedder, held_out_pairs, int8_pays, measure_precisions
     from velo_proxy import e5_verifier_export as X
     from velo_proxy.embedder import OnnxEmbedder
     from velo_proxy.model_export import export_embedder
@@ -475,30 +474,18 @@ def calibrate_card(card: dict, weights: Path, work_dir: Path, *, tiny: bool = Fa
     # both precisions are calibrated (the other one is an operator's choice: `velo-proxy models export
     # --verifier-precision`), each with every embedder
     workloads = V.calibration_workloads(vcfg.data, sim_spec=sim_spec)
-    minilm = D.load_embedder()
     others = [OnnxEmbedder(export_embedder(work_dir / MINILM_INT8_EMBEDDER_NAME, precision="int8"), threads=2),
               OnnxEmbedder(Settings(embedder="multilingual-e5-small").embedder_dir, threads=2)]
-    floors = {e.id: matched_cosine_floor(e, vcfg.data, reference_floor=C.COSINE_FLOOR, n=200 if tiny else 2000)
-              for e in others}
-    for precision in X.PRECISIONS:
-        verifier = PairVerifier(work_dir / f"model-{precision}", threads=vcfg.threads)
-        blocks: dict[str, dict] = {}
-        blocks[minilm.id] = {**C.calibrate(verifier, workloads, embedder=minilm, progress=progress),
-                             "embedder_id": minilm.id}
-        for e in others:
-            blocks[e.id] = {**C.calibrate(verifier, workloads, embedder=e, floor=floors[e.id]["floor"],
-                                          progress=progress),
-                            "embedder_id": e.id, "floor_matched": floors[e.id]}
-        card["calibration"][precision] = blocks
-        for emb_id, block in blocks.items():
-            print(f"{precision} calibration with {emb_id}: thresholds {block['thresholds']}", file=sys.stderr)
+    card["calibration"] = calibrate_per_embedder(
+        lambda precision: PairVerifier(work_dir / f"model-{precision}", threads=vcfg.threads), workloads, vcfg.data,
+        others=others, tiny=tiny, progress=progress)
     card["ship_minutes"] = round((time.time() - t0) / 60, 1)
     return card
 
 
 def card_markdown(card: dict) -> str:
     """The shipped multilingual verifier's card, for docs/multilingual.md."""
-    from policy.verifier_train import calibration_table
+    from policy.verifier_train import calibration_sections, metrics_table
 
     d = card["data"]
     lines = [f"Card of `{card['id']}` (`{card['command']}`): {d['train_pairs']:,} training pairs "
@@ -507,22 +494,8 @@ def card_markdown(card: dict) -> str:
              f"calibration {card['ship_minutes']:.1f} min (verifier scores already in the disk cache are not "
              f"recomputed) on this 2-core machine; precision shipped: "
              f"**{card['precision']}**.", "",
-             "Held-out labelled pairs (the English verifier's 3,000 QQP and PAWS calibration pairs, never trained on):", "",
-             "| precision | ROC AUC | accuracy @ 0.5 | precision @ 0.5 | recall @ 0.5 | pairs/s (bulk, 2 threads) "
-             "| one request-path call p50 (3 pairs, 1 thread) |",
-             "|---|---|---|---|---|---|---|"]
-    for prec, m in card["metrics"].items():
-        serve = f"{m['serving_ms']:.2f} ms" if "serving_ms" in m else "–"
-        lines.append(f"| {prec} | {m['auc']:.4f} | {m['accuracy@0.5']:.4f} | {m['precision@0.5']:.4f} | "
-                     f"{m['recall@0.5']:.4f} | {m['pairs_per_s']:.0f} | {serve} |")
-    for precision, blocks in card["calibration"].items():
-        for emb_id, cal in blocks.items():
-            how = ""
-            if "floor_matched" in cal:
-                fm = cal["floor_matched"]
-                how = (f" The floor {fm['floor']} keeps {100 * fm['duplicates_kept']:.1f} % of {fm['pairs']:,} QQP "
-                       f"training duplicates, as MiniLM's 0.75 does (`matched_cosine_floor`).")
-            lines += ["", f"**{precision}, serving with `{emb_id}`.**{how}", "", calibration_table(cal)]
+             "Held-out labelled pairs (the English verifier's 3,000 QQP and PAWS calibration pairs, never trained on):", ""]
+    lines += metrics_table(card["metrics"]) + calibration_sections(card)
     return "\n".join(lines) + "\n"
 
 

@@ -237,26 +237,61 @@ def card_markdown(card: dict) -> str:
              f"on this 2-core machine; precision shipped: **{card['precision']}**.\n",
              "| source | positives | negatives |", "|---|---|---|"]
     lines += [f"| {k} | {v['positive']:,} | {v['negative']:,} |" for k, v in sorted(card["data"].items())]
-    lines += ["", "Held-out labelled pairs (3,000 QQP and PAWS calibration pairs, never trained on):", "",
-              "| precision | ROC AUC | accuracy @ 0.5 | precision @ 0.5 | recall @ 0.5 | pairs/s (bulk, 2 threads) "
-              "| one request-path call p50 (3 pairs, 1 thread) |",
-              "|---|---|---|---|---|---|---|"]
-    for prec, m in card["metrics"].items():
+    lines += ["", "Held-out labelled pairs (3,000 QQP and PAWS calibration pairs, never trained on):", ""]
+    return "\n".join(lines + metrics_table(card["metrics"]) + calibration_sections(card))
+
+
+def calibrate_per_embedder(verifier_of, workloads, spec: V.VerifierDataSpec, *, others: list, tiny: bool = False,
+                           progress: bool = True) -> dict[str, dict[str, dict]]:
+    """``{precision: {embedder id: block}}``: each precision's verifier (``verifier_of(precision)``) calibrated on
+    ``workloads`` with all-MiniLM-L6-v2 at the cosine floor, and with each of ``others`` at the floor that keeps
+    the same share of QQP training duplicates (``matched_cosine_floor``: their similarities are not MiniLM's)."""
+    from .verifier_multilingual import matched_cosine_floor
+
+    minilm = D.load_embedder()
+    floors = {e.id: matched_cosine_floor(e, spec, reference_floor=C.COSINE_FLOOR, n=200 if tiny else 2000)
+              for e in others}
+    out: dict[str, dict[str, dict]] = {}
+    for precision in ("fp32", "int8"):
+        verifier = verifier_of(precision)
+        blocks = {minilm.id: {**C.calibrate(verifier, workloads, embedder=minilm, progress=progress),
+                              "embedder_id": minilm.id}}
+        for e in others:
+            blocks[e.id] = {**C.calibrate(verifier, workloads, embedder=e, floor=floors[e.id]["floor"],
+                                          progress=progress),
+                            "embedder_id": e.id, "floor_matched": floors[e.id]}
+        out[precision] = blocks
+        for emb_id, block in blocks.items():
+            print(f"{precision} calibration with {emb_id}: thresholds {block['thresholds']}", file=sys.stderr)
+    return out
+
+
+def metrics_table(metrics: dict) -> list[str]:
+    """A card's held-out metrics per precision, as markdown lines."""
+    lines = ["| precision | ROC AUC | accuracy @ 0.5 | precision @ 0.5 | recall @ 0.5 | pairs/s (bulk, 2 threads) "
+             "| one request-path call p50 (3 pairs, 1 thread) |",
+             "|---|---|---|---|---|---|---|"]
+    for prec, m in metrics.items():
         serve = f"{m['serving_ms']:.2f} ms" if "serving_ms" in m else "–"
         lines.append(f"| {prec} | {m['auc']:.4f} | {m['accuracy@0.5']:.4f} | {m['precision@0.5']:.4f} | "
                      f"{m['recall@0.5']:.4f} | {m['pairs_per_s']:.0f} | {serve} |")
+    return lines
+
+
+def calibration_sections(card: dict) -> list[str]:
+    """A card's calibration blocks (the shipped precision first, each embedder it serves with), as markdown."""
     from velo_proxy.verifier_export import calibration_blocks
 
+    lines: list[str] = []
     for precision in sorted(card["calibration"], key=lambda p: p != card["precision"]):
         for emb_id, cal in calibration_blocks(card, precision, default_embedder=EMBEDDER_ID).items():
             how = ""
             if "floor_matched" in cal:
                 fm = cal["floor_matched"]
                 how = (f" The floor {fm['floor']} keeps {100 * fm['duplicates_kept']:.1f} % of {fm['pairs']:,} QQP "
-                       f"training duplicates, as {EMBEDDER_ID}'s {fm.get('reference_floor', 0.75)} does "
-                       f"(`matched_cosine_floor`).")
+                       f"training duplicates, as all-MiniLM-L6-v2's {C.COSINE_FLOOR} does (`matched_cosine_floor`).")
             lines += ["", f"**{precision}, serving with `{emb_id}`.**{how}", "", calibration_table(cal)]
-    return "\n".join(lines)
+    return lines
 
 
 def calibration_table(cal: dict) -> str:
@@ -382,22 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     from velo_proxy.embedder import OnnxEmbedder
     from velo_proxy.settings import MINILM_INT8_EMBEDDER_NAME
 
-    from .verifier_multilingual import matched_cosine_floor
-
-    minilm = D.load_embedder()
     int8_dir = export_embedder(out / MINILM_INT8_EMBEDDER_NAME, precision="int8")  # what `models export` builds
-    minilm_int8 = OnnxEmbedder(int8_dir, threads=2)
-    matched = matched_cosine_floor(minilm_int8, cfg.data, reference_floor=C.COSINE_FLOOR, n=200 if args.tiny else 2000)
-    for precision in ("fp32", "int8"):
-        verifier = PairVerifier(out / f"model-{precision}", threads=cfg.threads)
-        blocks = {minilm.id: {**C.calibrate(verifier, workloads, embedder=minilm, progress=args.progress),
-                              "embedder_id": minilm.id},
-                  minilm_int8.id: {**C.calibrate(verifier, workloads, embedder=minilm_int8, floor=matched["floor"],
-                                                 progress=args.progress),
-                                   "embedder_id": minilm_int8.id, "floor_matched": matched}}
-        card["calibration"][precision] = blocks
-        for emb_id, block in blocks.items():
-            print(f"{precision} calibration with {emb_id}: thresholds {block['thresholds']}", file=sys.stderr)
+    card["calibration"] = calibrate_per_embedder(
+        lambda precision: PairVerifier(out / f"model-{precision}", threads=cfg.threads), workloads, cfg.data,
+        others=[OnnxEmbedder(int8_dir, threads=2)], tiny=args.tiny, progress=args.progress)
     card["total_seconds"] = round(time.perf_counter() - t_start, 1) + (train_s if args.calibrate_only else 0.0)
     card["command"] = "python -m policy.verifier_train " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")

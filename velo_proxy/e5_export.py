@@ -66,7 +66,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from velo_proxy.model_export import ExportError, atomic_export_dir, read_metadata, sha256_file
+from velo_proxy.model_export import ExportError, atomic_export_dir, quiet_quantizer, read_metadata, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -635,14 +635,9 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> None:
     model = onnx.load(str(fp32_path))
     weights = {i.name for i in model.graph.initializer}
     targets = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs a line per tensor and a pre-processing hint
-    try:
+    with quiet_quantizer():
         quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
                          nodes_to_quantize=targets, op_types_to_quantize=["MatMul"])
-    finally:
-        root.setLevel(level)
 
 
 def _stamp(path: Path, meta: dict[str, Any]) -> None:
