@@ -86,6 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.gc_freeze:
                 gc.unfreeze()  # collectable again once the app is gone (several apps share a test process)
             await services.aclose()
+            # FastAPI keeps every endpoint function (and through its closure this app) in module-level caches
+            # (fastapi.dependencies.models, up to 4,096 entries): let go of what the lifespan built, or a
+            # stopped app would keep its models resident
+            del app.state.velo
 
     app = FastAPI(title="VELO proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)

@@ -24,7 +24,7 @@ class AppState:
 
 
 def find_state(app: Any) -> AppState | None:
-    """The state of a running app; None before its lifespan started it (or for a foreign app)."""
+    """The state of a running app; None before its lifespan started it, after it stopped, or for a foreign app."""
     return getattr(getattr(app, "state", None), "velo", None)
 
 
