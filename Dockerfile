@@ -49,9 +49,9 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
     && pip install --no-cache-dir "/src[train,multilingual]" "torch==${TORCH_VERSION}"
 
 # Builder: export the embedder and the pair verifiers to ONNX once (the only use of torch on the serving path):
-# the default verifier (e5-pair-verifier, VELO_VERIFIER_DIR) and the English one the shipped learned policy was
-# trained with (/opt/velo/models/pair-verifier: `docker run -e VELO_POLICY=learned -e
-# VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier`; the chart sets both from policy.name).
+# the default verifier (e5-pair-verifier, VELO_VERIFIER_DIR; the shipped learned policy was trained on its scores
+# too) and the English one (/opt/velo/models/pair-verifier, an explicit choice for the verified policy:
+# `docker run -e VELO_VERIFIER_DIR=/opt/velo/models/pair-verifier`).
 # EXTRA_EMBEDDERS (space-separated: "all-MiniLM-L6-v2-int8", "multilingual-e5-small") are exported next to it, to
 # /opt/velo/models/<name>, with the pair verifier that serves them beside (/opt/velo/models/<verifier>),
 # for the chart's config.embedder (VELO_EMBEDDER, VELO_VERIFIER_DIR) to select.

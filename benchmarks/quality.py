@@ -742,9 +742,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                exclude=training_texts(DataSpec.tiny() if args.tiny else None) | held_back(args))
     embed_workloads(workloads, cache)
     verifier = load_verifier(args)
-    # LRS reads the scores of the verifier it was trained with (the English one, VELO_POLICY=learned's default)
+    # LRS reads the scores of the verifier it was trained with (VELO_POLICY=learned's default, today the default one)
     lrs_verifier = load_verifier(args, learned=True)
-    lrs = {d: load_lrs(embedder, d, lrs_verifier) for d in DELTAS}
+    lrs = {d: load_lrs(embedder, d, lrs_verifier) if args.lrs else None for d in DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None
     gpt_err = None if args.gptcache else "disabled (--no-gptcache)"
     if args.gptcache:
@@ -1099,6 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-store", dest="store", action="store_false", help="operating points from the replay only")
     ap.add_argument("--no-gptcache", dest="gptcache", action="store_false")
     ap.add_argument("--no-verifier", dest="verifier", action="store_false", help="leave out the pair verifier's rows")
+    ap.add_argument("--no-lrs", dest="lrs", action="store_false", help="leave out the shipped LRS policy's rows")
     ap.add_argument("--mock-protocol", action="store_true", help="run GPTCache's protocol even without the mock workload")
     ap.add_argument("--tiny", action="store_true", help="smoke size: a few hundred pairs per workload")
     ap.add_argument("--data-dir", type=Path, default=None,

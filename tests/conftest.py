@@ -3,6 +3,7 @@ the dataset slices in tests/data. Nothing of ours is mocked."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -43,12 +44,16 @@ def shared_data(test_data: Path) -> Path:
     return test_data
 
 
+def _exported(path: Path, what: str) -> Path:
+    """An exported model's directory, or the test fails with the install step that makes it."""
+    if not (path / "model.onnx").exists():
+        pytest.fail(f"no {what} at {path}: run `velo-proxy models export` (the README's install step)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def embedder_dir() -> Path:
-    path = Settings().embedder_dir
-    if not (path / "model.onnx").exists():
-        pytest.fail(f"no embedder at {path}: run `velo-proxy models export` (the README's install step)")
-    return path
+    return _exported(Settings().embedder_dir, "embedder")
 
 
 @pytest.fixture(scope="session")
@@ -66,20 +71,19 @@ def tiny_data(test_data, embedder_dir, verifier_dir):
 
 @pytest.fixture(scope="session")
 def verifier_dir() -> Path:
-    path = Settings().verifier_dir
-    if not (path / "model.onnx").exists():
-        pytest.fail(f"no pair verifier at {path}: run `velo-proxy models export` (the README's install step)")
-    return path
+    return _exported(Settings().verifier_dir, "pair verifier")
 
 
 @pytest.fixture(scope="session")
 def english_verifier_dir() -> Path:
-    """The English pair verifier (the one the shipped learned policy was trained with; `velo-proxy models export`
-    puts it beside the default e5-pair-verifier)."""
-    path = Settings(verifier="pair-verifier").verifier_dir
-    if not (path / "model.onnx").exists():
-        pytest.fail(f"no English pair verifier at {path}: run `velo-proxy models export` (the README's install step)")
-    return path
+    """The English pair verifier (`velo-proxy models export` puts it beside the default e5-pair-verifier)."""
+    return _exported(Settings(verifier="pair-verifier").verifier_dir, "English pair verifier")
+
+
+@pytest.fixture(scope="session")
+def learned_verifier_dir() -> Path:
+    """The verifier the learned policy loads by default: the one the shipped LRS was trained on."""
+    return _exported(Settings(policy="learned").verifier_dir, "pair verifier")
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +136,8 @@ def make_proxy(fake_upstream: ServerThread, tmp_path: Path) -> Iterator[Callable
     yield factory
     for server in started:
         server.stop()
+    started.clear()
+    gc.collect()  # an app's models sit in reference cycles; without a collection each test's stay resident
 
 
 class RedisServer:

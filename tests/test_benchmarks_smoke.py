@@ -156,6 +156,36 @@ def test_latency_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (tmp_path / "img" / "bench-latency.png").stat().st_size > 1000
 
 
+def test_verified_by_language_smoke() -> None:
+    """benchmarks/multilingual_quality.py --verified (#16): the default verifier per PAWS-X language, calibrated
+    on the calibration rows of its own training split, measured on the held-out rows; the rows it was trained on
+    never enter, and the card's thresholds are applied as shipped. MiniLM only here (e5 costs an export)."""
+    _need_data_and_embedder()
+    import multilingual_quality as MQ
+
+    from policy.verifier_multilingual import MultilingualConfig, pawsx_split
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings
+    from velo_proxy.verifier import PairVerifier
+
+    res = MQ.verified_by_language({"MiniLM": OnnxEmbedder(Settings().embedder_dir, threads=2)}, DATA, 0, 2)
+    split = pawsx_split(MultilingualConfig())
+    assert res["split_rows"] == {k: len(v) for k, v in split.items()} and not split["train"] & split["heldout"]
+    r = res["embedders"]["MiniLM"]
+    card = PairVerifier(Settings().verifier_dir, embedder_id=OnnxEmbedder(Settings().embedder_dir).id).calibration
+    assert r["cosine_floor"] == card["cosine_floor"] and r["card_thresholds"] == {
+        str(float(k)): float(t) for k, t in card["thresholds"].items()}
+    assert set(r["pawsx"]) == set(MQ.PAWS_LANGS) and set(r["xquad_within"]) == set(MQ.XQ_LANGS)
+    for lang, row in r["pawsx"].items():
+        for kind in ("card", "per_language", "pooled"):
+            for d, m in row[kind].items():
+                if m is not None:
+                    assert m["correct"] + m["false"] == m["hits"] and m["positives"] == row["heldout_positives"], (lang, kind, d)
+                    assert m["hits"] == 0 or 0 <= m["fhr_labelled"] <= m["fhr"] <= m["upper_bound"] <= 1
+    body = MQ.verified_markdown(res, "cmd", 1.0)
+    assert "| de |" in body and "| ru |" in body and "card δ=0.1" in body
+
+
 def test_quality_workloads_leave_out_what_the_policy_was_trained_on():
     import quality
     from policy.data import DataSpec, training_texts

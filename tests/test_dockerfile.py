@@ -101,8 +101,8 @@ def test_builder_exports_embedder_with_pinned_cpu_torch(stages: dict[str, Stage]
     export_stage = [s for s in stages.values() if any("velo-proxy models export" in r for r in s.args("RUN"))]
     assert len(export_stage) == 1
     assert "/opt/velo/models/all-MiniLM-L6-v2" in " ".join(stages["base"].args("ENV"))
-    # the default policy needs the default pair verifier baked in next to the embedder, and the learned policy
-    # the English one it was trained with
+    # every policy needs the default pair verifier baked in next to the embedder (the learned one reads its scores);
+    # the English one is baked beside it as an explicit choice
     assert "VELO_VERIFIER_DIR=/opt/velo/models/e5-pair-verifier" in " ".join(stages["base"].args("ENV"))
     assert any("${VELO_VERIFIER_DIR}/model.onnx" in r and "/opt/velo/models/pair-verifier/model.onnx" in r
                and 'models export --out "${VELO_EMBEDDER_DIR}"' in r for r in export_stage[0].args("RUN"))

@@ -203,16 +203,16 @@ def test_the_shipped_multilingual_verifier_serves_beside_e5_and_no_near_miss(mak
 
 def test_the_verifier_follows_the_policy_unless_named(monkeypatch, tmp_path):
     """VELO_VERIFIER defaults to the multilingual verifier (calibrated for every embedder, the only one whose
-    calibration holds a bound), and to the English one with the learned policy, which was trained on its scores;
-    naming one, or its directory, wins."""
+    calibration holds a bound), with the learned policy too, which was trained on its scores; naming one, or
+    its directory, wins."""
     from velo_proxy.settings import Settings
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     models = tmp_path / "velo-proxy" / "models"
     assert (Settings().verifier, Settings().verifier_dir) == ("e5-pair-verifier", models / "e5-pair-verifier")
     learned = Settings(policy="learned")
-    assert (learned.verifier, learned.verifier_dir) == ("pair-verifier", models / "pair-verifier")
-    assert Settings(policy="learned", verifier="e5-pair-verifier").verifier == "e5-pair-verifier"
+    assert (learned.verifier, learned.verifier_dir) == ("e5-pair-verifier", models / "e5-pair-verifier")
+    assert Settings(policy="learned", verifier="pair-verifier").verifier_dir == models / "pair-verifier"
     e5 = Settings(embedder="multilingual-e5-small")
     assert (e5.verifier, e5.verifier_dir) == ("e5-pair-verifier", models / "e5-pair-verifier")
     assert Settings(verifier="e5-pair-verifier").verifier_dir == models / "e5-pair-verifier"

@@ -178,8 +178,11 @@ def test_embedder_is_selected_by_name_with_the_verifier_calibrated_for_it(monkey
     cm = configmap(render("default"))
     assert (cm["VELO_EMBEDDER"], cm["VELO_EMBEDDER_DIR"]) == ("all-MiniLM-L6-v2", "/opt/velo/models/all-MiniLM-L6-v2")
     assert cm["VELO_VERIFIER_DIR"] == "/opt/velo/models/e5-pair-verifier"  # where the image's default export puts it
-    cm = configmap(render("default", "policy.name=learned"))  # the English verifier its policy was trained with
-    assert (cm["VELO_VERIFIER"], cm["VELO_VERIFIER_DIR"]) == ("pair-verifier", "/opt/velo/models/pair-verifier")
+    cm = configmap(render("default", "policy.name=learned"))  # the verifier its policy was trained on: the same one
+    assert (cm["VELO_VERIFIER"], cm["VELO_VERIFIER_DIR"]) == ("e5-pair-verifier", "/opt/velo/models/e5-pair-verifier")
+    monkeypatch.setenv("VELO_POLICY", "learned")
+    assert Settings().verifier == cm["VELO_VERIFIER"]  # the proxy's own default agrees
+    monkeypatch.delenv("VELO_POLICY")
     for name in ("verified", "threshold"):
         cm = configmap(render("default", "config.embedder=multilingual-e5-small", f"policy.name={name}"))
         assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/multilingual-e5-small"
@@ -507,7 +510,7 @@ def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, verifie
     from velo_proxy.settings import Settings
 
     mapping = {image_env["VELO_EMBEDDER_DIR"]: embedder_dir, image_env["VELO_VERIFIER_DIR"]: verifier_dir,
-               # the English verifier the image bakes beside it (the learned policy's)
+               # the English verifier the image bakes beside it (VELO_VERIFIER=pair-verifier, an explicit choice)
                "/opt/velo/models/pair-verifier": Settings(verifier="pair-verifier").verifier_dir}
     for m in c["volumeMounts"]:
         mapping[m["mountPath"]] = tmp_path / "volumes" / m["name"]
@@ -562,9 +565,9 @@ def test_retrain_cronjob_gets_every_file_and_variable_it_reads(tmp_path: Path, r
     mounts = {m["name"]: mapping[m["mountPath"]] for m in c["volumeMounts"]}
     assert inputs["redis"] == "ok"
     assert inputs["policy_dir"] == str(mounts["policy"])
-    # the learned loop: the English verifier its policy was trained with (the chart's VELO_VERIFIER_DIR)
+    # the learned loop: the verifier its policy was trained on (the chart's VELO_VERIFIER_DIR)
     assert inputs["embedder_dir"] == str(embedder_dir)
-    assert inputs["verifier_dir"] == str(mapping["/opt/velo/models/pair-verifier"])
+    assert inputs["verifier_dir"] == str(verifier_dir)
     assert inputs["checkpoint"]["version"] == "lrs-default" and Path(inputs["checkpoint"]["path"]).is_file()
     # no datasets directory in the pod: the simulator's texts are the package's snapshot
     assert inputs["simulator_data"]["source"].startswith("package snapshot") and inputs["simulator_data"]["clusters"] > 1000

@@ -26,7 +26,8 @@ EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 @pytest.fixture(scope="module")
 def paraphrase(test_data):
     pairs = json.loads((test_data / "pairs" / "gptcache-mock-paraphrases.json").read_text())
-    return pairs[0]["origin"], pairs[0]["similar"]
+    # cosine 0.987 (MiniLM), default verifier 0.74: a hit the shadow judge (pair score >= 0.5) calls right
+    return pairs[1]["origin"], pairs[1]["similar"]
 
 
 @pytest.fixture()
@@ -112,7 +113,7 @@ def test_mismatched_policy_is_refused_at_start(make_proxy, embedder_dir, tmp_pat
         LearnedPolicy(corrupt, embedder_id=EMBEDDER_ID, dim=384, max_false_hit_rate=0.02)
 
 
-def test_a_policy_trained_on_another_verifiers_scores_is_refused(make_proxy, embedder_dir, english_verifier_dir,
+def test_a_policy_trained_on_another_verifiers_scores_is_refused(make_proxy, embedder_dir, learned_verifier_dir,
                                                                 verifier_dir, tmp_path):
     """The verifier's scores are hit features: a policy that learned from another verifier's scores is
     refused beside this one, at start and by the loader; the shipped default says which verifier it
@@ -121,7 +122,7 @@ def test_a_policy_trained_on_another_verifiers_scores_is_refused(make_proxy, emb
 
     from velo_proxy.policy import LearnedPolicy, PolicyMismatch, default_policy_path
 
-    installed = json.loads((english_verifier_dir / "velo_verifier.json").read_text())["source_sha256"]
+    installed = json.loads((learned_verifier_dir / "velo_verifier.json").read_text())["source_sha256"]
     shipped = dict(ort.InferenceSession(str(default_policy_path()),
                                         providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
     assert shipped["velo_verifier_sha256"] == installed
@@ -278,7 +279,7 @@ def test_republished_file_is_named_by_the_directory_and_loaded_once(make_proxy, 
     assert "velo_policy_reloads_total 1.0" in httpx.get(f"{proxy.url}/metrics").text
 
 
-def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, english_verifier_dir,
+def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_dir, learned_verifier_dir,
                                                           redis_server, serve_policy, paraphrase):
     """The same request through the proxy (store, engine, experience stream) and through the training
     simulator's cache (policy.sim.EdgeCache) gives the same observation."""
@@ -312,7 +313,7 @@ def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_d
     from policy.pair_scores import PairScores
     from velo_proxy.verifier import PairVerifier
 
-    verifier = PairVerifier(english_verifier_dir)  # the learned policy's (VELO_POLICY=learned loads it)
+    verifier = PairVerifier(learned_verifier_dir)  # the learned policy's (VELO_POLICY=learned loads it)
     scorer = PairScores(rule=verifier.rule(0.02), verifier_key="test", _scorer=verifier.score_pairs)
     sim_hits = cache.search(u_similar[0], 5)
     sim_hits[0].entry.qid = 1
@@ -339,9 +340,9 @@ def test_observation_encoding_round_trip():
 def test_default_proxy_runs_the_shipped_policy(make_proxy, embedder_dir, paraphrase):
     proxy = make_proxy(policy="learned", admin_key=ADMIN)
     _, headers = ask(proxy, paraphrase[0])
-    assert headers["x-velo-policy"] == "lrs-default-4"
+    assert headers["x-velo-policy"] == "lrs-default-5"
     ready = httpx.get(f"{proxy.url}/readyz").json()
-    assert ready["checks"]["policy"]["detail"] == "lrs-default-4"
+    assert ready["checks"]["policy"]["detail"] == "lrs-default-5"
 
 
 def test_the_actor_reads_the_verifier_scores_and_the_veto_has_the_last_word(tmp_path):

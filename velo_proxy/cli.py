@@ -111,8 +111,8 @@ def cmd_models_export(args: argparse.Namespace) -> int:
 
 
 def _verifiers_to_export(args: argparse.Namespace) -> list[str]:
-    """--verifier's, else the default verifier and, beside all-MiniLM-L6-v2 (either build), the English one the
-    shipped learned policy was trained with (VELO_POLICY=learned loads it)."""
+    """--verifier's, else the default verifier and, beside all-MiniLM-L6-v2 (either build), the English one
+    (faster, English only; VELO_VERIFIER=pair-verifier picks it)."""
     if args.verifier:
         return [args.verifier]
     if args.embedder == E5_EMBEDDER or args.verifier_out:
@@ -149,7 +149,7 @@ def _export_verifier(args: argparse.Namespace, name: str) -> int:
     if args.verifier_out or args.out:
         hint = f" (serve with VELO_VERIFIER_DIR={path})"
     elif name == ENGLISH_VERIFIER_NAME:
-        hint = " (loaded with VELO_POLICY=learned, or VELO_VERIFIER=pair-verifier)"
+        hint = " (loaded with VELO_VERIFIER=pair-verifier)"
     else:
         hint = "" if name == DEFAULT_VERIFIER_NAME else f" (serve with VELO_VERIFIER={name})"
     print(f"pair verifier ready at {path}{hint}")

@@ -25,6 +25,9 @@ def default_home() -> Path:
 DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
 ENGLISH_VERIFIER_NAME = "pair-verifier"
 E5_VERIFIER_NAME = "e5-pair-verifier"
+#: The verifier whose scores the shipped LRS policy was trained on (its hit features): the learned policy
+#: loads it by default and refuses another one (policy metadata ``velo_verifier_sha256``).
+LEARNED_VERIFIER_NAME = E5_VERIFIER_NAME
 #: The verifier that serves by default: the only one whose calibration holds a bound on QQP-shaped streams once
 #: the label audit of its own hits is counted (docs/verifier.md, "What the calibration says").
 DEFAULT_VERIFIER_NAME = E5_VERIFIER_NAME
@@ -119,10 +122,10 @@ class Settings(BaseSettings):
     # --- pair verifier ----------------------------------------------------------------------
     verifier: Literal["pair-verifier", "e5-pair-verifier"] | None = Field(
         None, description="Which exported pair verifier to load from the models directory: 'e5-pair-verifier' "
-        "(multilingual-e5-small based, calibrated for every embedder; the default) or 'pair-verifier' (English, "
-        "all-MiniLM-L6-v2 based: the one the shipped LRS policy was trained with, so the default with "
-        "policy=learned; its calibration holds no bound, so it serves no semantic hit by itself). "
-        "verifier_dir overrides it.")
+        "(multilingual-e5-small based, calibrated for every embedder, the one the shipped LRS policy was trained "
+        "on; the default with every policy) or 'pair-verifier' (English, all-MiniLM-L6-v2 based, faster; its "
+        "calibration holds no bound, so as the verified policy's verifier it serves no semantic hit, and the "
+        "learned policy refuses it). verifier_dir overrides it.")
     verifier_dir: Path = Field(
         default_factory=lambda: default_home() / "models" / DEFAULT_VERIFIER_NAME,
         description="Directory with the pair verifier (model.onnx + tokenizer.json + velo_verifier.json, written by "
@@ -275,7 +278,7 @@ class Settings(BaseSettings):
             self.embedder_dir = default_home() / "models" / self.embedder
         if self.verifier is None:
             # a learned policy reads the scores of the verifier it was trained with (it refuses another one)
-            self.verifier = ENGLISH_VERIFIER_NAME if self.policy == "learned" else DEFAULT_VERIFIER_NAME
+            self.verifier = LEARNED_VERIFIER_NAME if self.policy == "learned" else DEFAULT_VERIFIER_NAME
         if "verifier_dir" not in self.model_fields_set:
             self.verifier_dir = default_home() / "models" / self.verifier
         return self

@@ -125,7 +125,7 @@ app.kubernetes.io/component: redis
 {{- fail (printf "config.embedder=%s needs policy.name=verified or threshold: the shipped LRS policy is built on all-MiniLM-L6-v2 and refuses other vectors, so learned would serve no semantic hit" .Values.config.embedder) }}
 {{- end }}
 {{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") .Values.retrain.enabled }}
-{{- fail (printf "retrain.enabled needs config.embedder=all-MiniLM-L6-v2: the retrain image's stages refit the English pair verifier and LRS on its vectors, not on %s's" .Values.config.embedder) }}
+{{- fail (printf "retrain.enabled needs config.embedder=all-MiniLM-L6-v2: the retrain image's stages refit the pair verifier's calibration and LRS on its vectors, not on %s's" .Values.config.embedder) }}
 {{- end }}
 {{- if and (eq .Values.learningLoop.judge "llm") (not .Values.learningLoop.judgeModel) }}
 {{- fail "learningLoop.judge=llm needs learningLoop.judgeModel: the client model name the LLM judge asks (the proxy refuses to start without VELO_JUDGE_MODEL)" }}
