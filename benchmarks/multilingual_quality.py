@@ -315,7 +315,7 @@ def verified_by_language(embedders: dict[str, Any], data: Path, seed: int, threa
                               m=5, progress=False)
             res["xquad_within"][lang] = {"requests": w.n, **{
                 f"{kind} δ={d}": (None if t is None else 1000 * VC.replay(prep, _rule(floor, top_k, t))["false"] / w.n)
-                for kind, ts in (("card", card), ("pooled", {str(k): x for k, x in res["pooled_thresholds"].items()}))
+                for kind, ts in (("card", card), ("pooled", res["pooled_thresholds"]))
                 for d in VERIFIED_DELTAS for t in [ts.get(str(d))]}}
         res["seconds"] = round(time.time() - t0, 1)
         out["embedders"][label] = res
