@@ -2,6 +2,10 @@
 
     python benchmarks/quality.py                      # full run, rewrites the quality section of docs/benchmarks.md
     python benchmarks/quality.py --tiny --no-doc --json /tmp/q.json   # smoke size
+    python benchmarks/quality.py --no-gptcache --no-doc --policy-file DLRS.onnx --json /tmp/dlrs.json
+                                                      # another exported actor in the LRS rows (a DLRS export)
+    python benchmarks/quality.py --compare-learned /tmp/lrs.json /tmp/dlrs.json
+                                                      # their rows side by side: docs/benchmarks.md's learned section
 
 Workloads (from the datasets directory, ``--data-dir`` / ``VELO_DATASETS_DIR``, default ``../shared/data``;
 subsampled with a fixed seed, see ``--qqp-pairs`` etc.):
@@ -21,8 +25,8 @@ false hit; anything else (B, C) is answered upstream and inserted. Simulated clo
 second. No eviction (every workload fits in the cache).
 
 Systems: static cosine thresholds (GPTCache, LiteLLM, Portkey, APISIX decide this way), the shipped LRS
-policy (when ``velo_proxy/policies/lrs-default.onnx`` exists) at its calibrated operating points
-(delta = 1/2/5 %) and swept over its P(A) threshold, GPTCache 0.1.x itself (sqlite + faiss +
+policy (when ``velo_proxy/policies/lrs-default.onnx`` exists; ``--policy-file``: another export) at its
+calibrated operating points (delta = 1/2/5/10 %) and swept over its P(A) threshold, GPTCache 0.1.x itself (sqlite + faiss +
 SearchDistanceEvaluation, our embedder plugged in as its embedding function) and the oracle (serves
 whenever a top-P hit has the right cluster: the ceiling of any policy over this retrieval).
 
@@ -67,6 +71,9 @@ from velo_proxy.cache_value import INITIAL_VALUE, update_cache_value  # noqa: E4
 TOP_P = 5
 SCOPE = "bench"
 DELTAS = (0.01, 0.02, 0.05)
+#: The learned actor's calibrated bounds measured here: δ = 10 % too, since the simulator's calibration of
+#: the shipped actors finds no threshold for δ ≤ 2 % (docs/policy-results.md) and their rows would be empty.
+LEARNED_DELTAS = (0.01, 0.02, 0.05, 0.1)
 STORE_THRESHOLDS = (0.95, 0.9, 0.85, 0.8, 0.7)
 GPTCACHE_THRESHOLDS = (0.95, 0.9, 0.8)  # GPTCache's own config values (cosine 2t-1 with unit vectors)
 PUBLISHED_GPTCACHE = {0.95: (425, 25, 549), 0.9: (804, 77, 118), 0.8: (904, 92, 3)}
@@ -634,12 +641,15 @@ def threshold_grid(fine: bool) -> list[float]:
 # ----- main ------------------------------------------------------------------------------------------------
 
 
-def load_lrs(embedder: Any, delta: float, verifier: Any = None) -> Any | None:
-    """The shipped LRS actor at bound ``delta``, its hits verified as in the proxy (the scores are features)
-    but without the verifier's veto: these rows measure LRS's own calibrated decision."""
+def load_lrs(embedder: Any, delta: float, verifier: Any = None, path: Path | None = None) -> Any | None:
+    """The shipped LRS actor (or the exported actor at ``path``: a DLRS export, a retrained one) at bound
+    ``delta``, its hits verified as in the proxy (the scores are features) but without the verifier's veto:
+    these rows measure the actor's own calibrated decision."""
     from velo_proxy.policy import LearnedPolicy, default_policy_path
 
-    path = default_policy_path()
+    if path is not None and not Path(path).exists():
+        raise SystemExit(f"--policy-file {path}: no such file")
+    path = Path(path) if path is not None else default_policy_path()
     if not path.exists():
         return None
     rule = verifier.rule(delta) if verifier is not None else None
@@ -647,19 +657,37 @@ def load_lrs(embedder: Any, delta: float, verifier: Any = None) -> Any | None:
                          verify_rule=rule, veto=False)
 
 
-def pair_scorer(w: Workload, verifier: Any) -> Callable[[int, int], float] | None:
-    """The verifier's score of (request i, cached j) on ``w``, disk-cached (``ScoreCache``), memoised."""
+#: Earlier neighbours per request whose pairs are scored up front, in batches (the LRS rows' candidates
+#: are the top few *inserted* earlier requests above the verifier's cosine floor, almost always among these).
+PREFETCH_NEIGHBOURS = 8
+
+
+def pair_scorer(w: Workload, verifier: Any, *, prefetch: int = PREFETCH_NEIGHBOURS) -> Callable[[int, int], float] | None:
+    """The verifier's score of (request i, cached j) on ``w``, disk-cached (``ScoreCache``), memoised. The
+    pairs the LRS rows will almost surely ask for (each request with its ``prefetch`` nearest earlier
+    requests above the cosine floor) are scored first in batched calls; any other pair is scored when
+    asked (one call per pair, ~20x slower per pair with the fp32 e5 verifier)."""
     if verifier is None:
         return None
-    from policy.verifier_calibrate import ScoreCache
+    from policy.verifier_calibrate import ScoreCache, neighbours
 
     cache, memo = ScoreCache(), {}
+    pairs: list[tuple[int, int]] = []
+    if prefetch > 0 and w.n:
+        floor = float(verifier.calibration.get("cosine_floor") or 0.0)
+        nbr, _ = neighbours(np.ascontiguousarray(w.emb, dtype=np.float32), m=prefetch, floor=floor)
+        pairs = [(i, j) for i, js in enumerate(nbr) for j in js]
+        if pairs:
+            vals = cache.score(verifier, [w.texts[i] for i, _ in pairs], [w.texts[j] for _, j in pairs], progress=True)
+            memo.update({p: float(v) for p, v in zip(pairs, vals)})
 
     def score(i: int, j: int) -> float:
         if (i, j) not in memo:
             memo[(i, j)] = float(cache.score(verifier, [w.texts[i]], [w.texts[j]])[0])
         return memo[(i, j)]
 
+    score.prefetched = len(pairs)  # type: ignore[attr-defined]
+    score.pairs = pairs  # type: ignore[attr-defined]
     return score
 
 
@@ -744,7 +772,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     verifier = load_verifier(args)
     # LRS reads the scores of the verifier it was trained with (VELO_POLICY=learned's default, today the default one)
     lrs_verifier = load_verifier(args, learned=True)
-    lrs = {d: load_lrs(embedder, d, lrs_verifier) if args.lrs else None for d in DELTAS}
+    lrs = {d: load_lrs(embedder, d, lrs_verifier, args.policy_file) if args.lrs else None for d in LEARNED_DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None
     gpt_err = None if args.gptcache else "disabled (--no-gptcache)"
     if args.gptcache:
@@ -756,7 +784,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": common.machine_info(), "embedder": embedder.id, "top_p": TOP_P,
         "lrs": {"present": lrs_ok, "version": lrs[DELTAS[0]].version if lrs_ok else None,
-                "thresholds": {str(d): lrs[d].threshold for d in DELTAS} if lrs_ok else None},
+                "file": str(args.policy_file) if args.policy_file else "velo_proxy/policies/lrs-default.onnx",
+                "thresholds": {str(d): lrs[d].threshold for d in LEARNED_DELTAS} if lrs_ok else None},
         "gptcache": {"error": gpt_err}, "args": {k: v for k, v in vars(args).items() if k != "func"},
         "verifier": None if verifier is None else {"id": verifier.id, "precision": verifier.metadata.get("precision"),
                                                    "cosine_floor": verifier.calibration.get("cosine_floor"),
@@ -791,7 +820,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 k = max(2, args.lrs_steps // 3)
                 taus = sorted(set([round(float(x), 5) for x in np.geomspace(1e-4, 0.05, k)]
                                   + [round(float(x), 4) for x in np.linspace(0.05, 0.99, args.lrs_steps - k)]
-                                  + [lrs[d].threshold for d in DELTAS if lrs[d].threshold <= 1.0]))
+                                  + [lrs[d].threshold for d in LEARNED_DELTAS if lrs[d].threshold <= 1.0]))
                 lcurve = []
                 t_lrs = time.perf_counter()
                 for tau in taus:
@@ -813,7 +842,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             for t in STORE_THRESHOLDS:
                 systems.append((f"threshold {t:g}", ThresholdPolicy(threshold=t, top_p=TOP_P), threshold_decider(t)))
             if lrs_ok:
-                for d in DELTAS:
+                for d in LEARNED_DELTAS:
                     systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, score_pair).decider(lrs[d].threshold)))
             for name, policy, rdecide in systems:
                 if args.store:
@@ -859,7 +888,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             pols: dict[str, Any] = {f"VELO threshold {t:g}": ThresholdPolicy(threshold=t, top_p=TOP_P)
                                     for t in (0.95, 0.9, 0.8, 0.7, 0.6)}
             if lrs_ok:
-                for d in DELTAS:
+                for d in LEARNED_DELTAS:
                     pols[f"VELO LRS δ={d:g}"] = lrs[d]
             if verifier is not None:
                 from velo_proxy.policy import VerifiedPolicy
@@ -882,7 +911,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 SYSTEM_ORDER = ["verified δ=0.01", "verified δ=0.02", "verified δ=0.05", "verified δ=0.1",
                 "threshold 0.95", "threshold 0.9", "threshold 0.85", "threshold 0.8", "threshold 0.7",
-                "GPTCache 0.95", "GPTCache 0.9", "GPTCache 0.8", "LRS δ=0.01", "LRS δ=0.02", "LRS δ=0.05",
+                "GPTCache 0.95", "GPTCache 0.9", "GPTCache 0.8", "LRS δ=0.01", "LRS δ=0.02", "LRS δ=0.05", "LRS δ=0.1",
                 "oracle (top-5)"]
 
 
@@ -919,7 +948,7 @@ def plot(result: dict[str, Any], img_dir: Path) -> list[str]:
                         label="GPTCache (0.95/0.9/0.8)" if pname.endswith("0.95") else None)
             elif pname.startswith("LRS"):
                 ax.plot(100 * p["fhr"], 100 * p["hit_rate"], "D", color="C1", ms=5,
-                        label="LRS calibrated δ=1/2/5 %" if pname.endswith("0.01") else None)
+                        label="LRS calibrated δ=1/2/5/10 %" if pname.endswith("0.01") else None)
             elif pname.startswith("verified"):
                 ax.plot(100 * p.get("fhr_estimated", p["fhr"]), 100 * p["hit_rate"], "*", color="C3", ms=9,
                         label=f"verified, calibrated ({pname.split()[-1]})")
@@ -1070,6 +1099,37 @@ def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
     return out
 
 
+def learned_comparison(paths: Sequence[Path]) -> str:
+    """Markdown: the learned actors of several runs (``--policy-file``: the shipped LRS, a DLRS export, ...)
+    side by side at each calibrated bound, on every workload they share: does the bound hold, at what hit rate."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = [r for r in parts if r["lrs"]["present"]]
+    if not parts:
+        return "No run in these results measured a learned actor."
+    lines = ["Commands:\n", "```bash", *[r.get("command", "?") for r in parts], "```\n"]
+    lines.append("Calibrated P(A) thresholds (simulator validation streams; 1.01 = never serve): " + "; ".join(
+        f"`{r['lrs']['version']}` {r['lrs']['thresholds']}" for r in parts) + ".\n")
+    names = [w for w in parts[0]["workloads"] if all(w in r["workloads"] for r in parts)]
+    rows = []
+    for w in names:
+        for d in LEARNED_DELTAS:
+            cells = [w, f"{100 * d:g} %"]
+            for r in parts:
+                p = r["workloads"][w]["points"].get(f"LRS δ={d:g}")
+                if p is None:
+                    cells.append("–")
+                    continue
+                est = p.get("fhr_estimated", p["fhr"])
+                cells.append("serves nothing" if not p["hits"] else
+                             f"{100 * p['hit_rate']:.1f} % at {100 * p['fhr']:.1f} % (est. {100 * est:.1f} %)"
+                             f"{'' if est <= d else ' **no**'}")
+            rows.append(cells)
+    lines.append("Hit rate (correct hits / positives) at FHR (wrong hits / hits; est. = the workload's label-noise "
+                 "estimate, the number held to δ; **no** = above δ), real store:\n")
+    lines.append(md_table(["workload", "δ", *[f"`{r['lrs']['version']}`" for r in parts]], rows))
+    return "\n".join(lines)
+
+
 def write_section(doc: Path, section: str, body: str) -> None:
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
@@ -1100,6 +1160,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gptcache", dest="gptcache", action="store_false")
     ap.add_argument("--no-verifier", dest="verifier", action="store_false", help="leave out the pair verifier's rows")
     ap.add_argument("--no-lrs", dest="lrs", action="store_false", help="leave out the shipped LRS policy's rows")
+    ap.add_argument("--policy-file", type=Path, default=None,
+                    help="the exported actor measured in the LRS rows (default: the shipped lrs-default.onnx); e.g. "
+                         "a DLRS export from python -m policy.reproduce --dlrs, with --no-doc")
+    ap.add_argument("--compare-learned", type=Path, nargs="+",
+                    help="write the learned-actors section of --doc from these results (runs with --policy-file)")
     ap.add_argument("--mock-protocol", action="store_true", help="run GPTCache's protocol even without the mock workload")
     ap.add_argument("--tiny", action="store_true", help="smoke size: a few hundred pairs per workload")
     ap.add_argument("--data-dir", type=Path, default=None,
@@ -1116,6 +1181,14 @@ def main(argv: list[str] | None = None) -> int:
         args.qqp_pairs, args.paws_pairs, args.pawsx_pairs = 150, 100, 20
         args.xquad_questions, args.mock_pairs, args.lrs_steps, args.fine = 40, 60, 5, False
     command = ("python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.compare_learned:
+        body = learned_comparison(args.compare_learned)
+        if args.write_doc:
+            write_section(args.doc, "learned", body)
+            print(f"doc: {args.doc}", file=sys.stderr)
+        else:
+            print(body)
+        return 0
     if args.merge:
         result = merge_results(args.merge)
         command = "\n".join(result.pop("commands")) + "\n" + command

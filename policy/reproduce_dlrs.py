@@ -165,10 +165,31 @@ def run_stage(*, data, data_path: Path, out: Path, tkw: dict, eval_steps: int, j
     res = {"results": results, "calibrations": calibrations, "cal_rows": cal_rows, "timing": timing,
            "parity": parities, "params": params, "train_s": train_s, "t_train": t_train,
            "t_total": time.time() - t0, "eval_steps": eval_steps, "updates": tkw.get("updates"),
-           "seeds": len(SEEDS), "torch": torch.__version__}
+           "seeds": len(SEEDS), "torch": torch.__version__, "imitation_ppo": imitation_and_ppo(out)}
     with open(out / "dlrs-results.pkl", "wb") as f:
         pickle.dump(res, f)
     return res
+
+
+def imitation_and_ppo(run: Path) -> dict[str, dict]:
+    """Per actor with a training log in ``run``: validation reward of the imitation alone (update 0), the best
+    validation reward and the update it came from (the kept checkpoint), and the last one: how much PPO
+    added on top of the demonstrations."""
+    import csv
+
+    out = {}
+    for m in ("lrs", *DIFFUSION):
+        p = Path(run) / f"{m}-w{W:g}.csv"
+        if not p.exists():
+            continue
+        with open(p) as f:
+            rows = [(int(r["update"]), float(r["val_reward"])) for r in csv.DictReader(f) if r["val_reward"]]
+        if not rows or rows[0][0] != 0:
+            continue
+        kept = max(rows, key=lambda r: r[1])  # first of equals: train() keeps a later one only if strictly better
+        out[m] = {"imitation": rows[0][1], "kept_update": kept[0], "kept": kept[1], "last_update": rows[-1][0],
+                  "last": rows[-1][1]}
+    return out
 
 
 def section(res: dict, *, run: Path | None = None) -> list[str]:
@@ -228,6 +249,18 @@ def section(res: dict, *, run: Path | None = None) -> list[str]:
         L.append(f"| {label} | {res['params'][m]:,} | {steps} | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} | "
                  f"{res['parity'][m]:.1e} |")
     L.append("")
+    gains = res.get("imitation_ppo") or {}
+    if gains:
+        L.append("### What PPO adds on top of the demonstrations (validation reward, best serving rule, w = 0.1)\n")
+        L.append("| actor | imitation alone (update 0) | kept checkpoint | its update | last update |")
+        L.append("|---|---:|---:|---:|---:|")
+        for m, g in gains.items():
+            L.append(f"| {'LRS' if m == 'lrs' else DLABEL[m]} | {g['imitation']:.3f} | {g['kept']:.3f} | "
+                     f"{g['kept_update']} | {g['last']:.3f} (update {g['last_update']}) |")
+        if "lrs" not in gains:
+            L.append("\nLRS's checkpoint is the shipped one, reused from the full run (`python -m policy.reproduce`), "
+                     "whose training log is not in this stage's run directory.")
+        L.append("")
     L.append(f"DLRS ahead of LRS by more than 2 SE in {wins} of {len(MODES) * len(EDGES)} configurations. The shipped "
              "policy changes only if DLRS is better on held-out reward and holds the false-hit bound on the benchmark "
              "workloads (docs/policy.md, DLRS).\n")

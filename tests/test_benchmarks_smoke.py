@@ -42,7 +42,7 @@ class _StubLRS:
     version = "stub"
 
     def __init__(self, delta: float) -> None:
-        self.threshold = {0.01: 0.9, 0.02: 0.8, 0.05: 0.6}[delta]
+        self.threshold = {0.01: 0.9, 0.02: 0.8, 0.05: 0.6, 0.1: 0.5}[delta]
 
     def probs(self, observations):  # noqa: ANN001
         out = []
@@ -67,7 +67,7 @@ def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_data_and_embedder()
     import quality
 
-    monkeypatch.setattr(quality, "load_lrs", lambda embedder, delta, verifier=None: _StubLRS(delta))
+    monkeypatch.setattr(quality, "load_lrs", lambda embedder, delta, verifier=None, path=None: _StubLRS(delta))
     out = tmp_path / "q.json"
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nhand-written intro\n")
@@ -94,6 +94,10 @@ def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = doc.read_text()
     assert "hand-written intro" in text and "<!-- quality:begin -->" in text and "<!-- quality:end -->" in text
     assert (tmp_path / "img" / "bench-quality-curves.png").stat().st_size > 1000
+    # two runs' learned actors side by side (--policy-file runs: the shipped LRS, a DLRS export)
+    assert quality.main(["--compare-learned", str(out), str(out), "--doc", str(doc)]) == 0
+    learned = doc.read_text().split("<!-- learned:begin -->")[1].split("<!-- learned:end -->")[0]
+    assert "| qqp | 10 % |" in learned and learned.count("`stub`") >= 3 and "hand-written intro" in doc.read_text()
     # rerunning replaces the section instead of appending a second one
     quality.write_section(doc, "quality", "again")
     assert doc.read_text().count("<!-- quality:begin -->") == 1 and "again" in doc.read_text()
@@ -240,3 +244,32 @@ def test_learning_loop_smoke(tmp_path: Path) -> None:
     assert f"```bash\n{r['command']}\n```" in again.read_text() and r["command"].endswith(str(tmp_path / "img"))
     learning_loop.write_section(doc, "learning-loop", "again")
     assert doc.read_text().count("<!-- learning-loop:begin -->") == 1 and "again" in doc.read_text()
+
+
+def test_pair_scorer_scores_the_near_pairs_up_front_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 verifier_dir: Path) -> None:
+    """benchmarks/quality.py's LRS rows: the likely (request, earlier request) pairs are scored first in
+    batched calls, and a prefetched score is the score the pair gets when asked on its own."""
+    _need_data_and_embedder()
+    import common
+    import quality
+    from policy import data as D
+    from velo_proxy.verifier import PairVerifier
+
+    monkeypatch.setattr(D, "cache_dir", lambda: tmp_path)  # a fresh ScoreCache: nothing is scored yet
+    [w] = quality.load_workloads(["qqp"], qqp_pairs=40, paws_pairs=0, pawsx_pairs=0, xquad_questions=0, mock_pairs=0)
+    quality.embed_workloads([w], common.EmbeddingCache(common.load_embedder(threads=2)))
+    verifier = PairVerifier(verifier_dir, threads=2)
+    batched_calls = []
+    score_many = verifier.score_many
+    monkeypatch.setattr(verifier, "score_many", lambda a, b, **kw: batched_calls.append(len(a)) or score_many(a, b, **kw))
+    score = quality.pair_scorer(w, verifier)
+    assert score.prefetched > 0 and len(batched_calls) == 1  # one batched pass over them (distinct pairs)
+    assert 0 < batched_calls[0] <= score.prefetched
+    i, j = score.pairs[0]
+    lone = quality.pair_scorer(w, verifier, prefetch=0)
+    assert lone.prefetched == 0
+    monkeypatch.setattr(D, "cache_dir", lambda: tmp_path / "fresh")
+    (tmp_path / "fresh").mkdir()
+    assert abs(quality.pair_scorer(w, verifier, prefetch=0)(i, j) - score(i, j)) < 1e-5
+    assert batched_calls[-1] == 1  # the lone scorer scored that pair by itself

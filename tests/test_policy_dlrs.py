@@ -118,8 +118,8 @@ def test_the_reproduce_stage_reports_pairs_costs_and_keeps_its_section(tmp_path)
     """policy.reproduce_dlrs: the section pairs every DLRS row with LRS on the same streams, times the
     exported actors, and lives between markers that a rewrite of the rest of the page keeps."""
     from policy.reproduce import EDGES, MODES
-    from policy.reproduce_dlrs import (BEGIN, DIFFUSION, END, decision_ms, existing_section, replace_section,
-                                       section)
+    from policy.reproduce_dlrs import (BEGIN, DIFFUSION, END, decision_ms, existing_section, imitation_and_ppo,
+                                       replace_section, section)
 
     rng = np.random.default_rng(0)
     names = ["LRS", "LRS (δ=0.02)", "DLRS", "DLRS-L5", "DLRS-L15", "DLRS-V5", "DLRS-V15", "DLRS (δ=0.02)"]
@@ -148,9 +148,17 @@ def test_the_reproduce_stage_reports_pairs_costs_and_keeps_its_section(tmp_path)
     res = {"results": results, "calibrations": {}, "updates": 80, "seeds": 10, "eval_steps": 500, "t_train": 60.0,
            "t_total": 120.0, "cal_rows": [(0.02, 0.9, row(0.0))], "timing": {m: t for m in ("lrs", *DIFFUSION)},
            "parity": {m: 1e-7 for m in ("lrs", *DIFFUSION)}, "params": {m: 1000 for m in ("lrs", *DIFFUSION)}}
+    # what PPO added over the imitation, read from the training logs the stage leaves in its run directory
+    (tmp_path / "dlrs-w0.1.csv").write_text("update,env_steps,val_reward\n0,0,-8.0\n1,10,\n4,40,-7.9\n8,80,-7.95\n")
+    (tmp_path / "dlrs-l5-w0.1.csv").write_text("update,env_steps,val_reward\n0,0,-8.0\n4,40,-8.1\n")
+    res["imitation_ppo"] = imitation_and_ppo(tmp_path)
+    assert res["imitation_ppo"]["dlrs"] == {"imitation": -8.0, "kept_update": 4, "kept": -7.9, "last_update": 8,
+                                            "last": -7.95}
+    assert res["imitation_ppo"]["dlrs-l5"]["kept_update"] == 0 and "lrs" not in res["imitation_ppo"]
     lines = section(res)
     text = "\n".join(lines)
     assert lines[0] == BEGIN and lines[-1] == END
+    assert "| DLRS | -8.000 | -7.900 | 4 | -7.950 (update 8) |" in text and "reused from the full run" in text
     assert "+0.5000 ± 0.0000, 10/10 **>2SE**" in text and "in 8 of 8 configurations" in text
     doc = tmp_path / "policy-results.md"
     doc.write_text("# Policy results\n\nrows\n\n## Plots\n\n![x](x.png)\n")
