@@ -647,11 +647,10 @@ def load_lrs(embedder: Any, delta: float, verifier: Any = None, path: Path | Non
     these rows measure the actor's own calibrated decision."""
     from velo_proxy.policy import LearnedPolicy, default_policy_path
 
-    if path is not None and not Path(path).exists():
-        raise SystemExit(f"--policy-file {path}: no such file")
-    path = Path(path) if path is not None else default_policy_path()
-    if not path.exists():
-        return None
+    if path is None:
+        path = default_policy_path()
+        if not path.exists():
+            return None  # no shipped policy: its rows are left out
     rule = verifier.rule(delta) if verifier is not None else None
     return LearnedPolicy(path, embedder_id=embedder.id, dim=embedder.dim, max_false_hit_rate=delta,
                          verify_rule=rule, veto=False)
@@ -666,7 +665,7 @@ def pair_scorer(w: Workload, verifier: Any, *, prefetch: int = PREFETCH_NEIGHBOU
     """The verifier's score of (request i, cached j) on ``w``, disk-cached (``ScoreCache``), memoised. The
     pairs the LRS rows will almost surely ask for (each request with its ``prefetch`` nearest earlier
     requests above the cosine floor) are scored first in batched calls; any other pair is scored when
-    asked (one call per pair, ~20x slower per pair with the fp32 e5 verifier)."""
+    asked, one call per pair."""
     if verifier is None:
         return None
     from policy.verifier_calibrate import ScoreCache, neighbours
@@ -1176,6 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-dir", type=Path, default=IMG)
     ap.add_argument("--no-doc", dest="write_doc", action="store_false")
     args = ap.parse_args(argv)
+    if args.policy_file is not None and not args.policy_file.is_file():
+        ap.error(f"--policy-file {args.policy_file}: no such file")  # before minutes of embedding, not after
     common.set_data_dir(args.data_dir)
     if args.tiny:
         args.qqp_pairs, args.paws_pairs, args.pawsx_pairs = 150, 100, 20

@@ -273,3 +273,12 @@ def test_pair_scorer_scores_the_near_pairs_up_front_in_batches(tmp_path: Path, m
     (tmp_path / "fresh").mkdir()
     assert abs(quality.pair_scorer(w, verifier, prefetch=0)(i, j) - score(i, j)) < 1e-5
     assert batched_calls[-1] == 1  # the lone scorer scored that pair by itself
+
+
+def test_quality_refuses_a_missing_policy_file_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import quality
+
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--tiny", "--no-doc", "--policy-file", str(tmp_path / "missing.onnx"), "--json", str(tmp_path / "q.json")])
+    assert exc.value.code == 2 and "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()  # nothing was measured
