@@ -67,6 +67,7 @@ from common import CACHE_DIR, DOCS, IMG, REPO, md_table  # noqa: E402
 
 from velo_proxy import features as F  # noqa: E402
 from velo_proxy.cache_value import INITIAL_VALUE, update_cache_value  # noqa: E402
+from velo_proxy.language import language_tag  # noqa: E402
 
 TOP_P = 5
 SCOPE = "bench"
@@ -377,9 +378,12 @@ class LrsReplay:
     that carry the mirrored bookkeeping; P(A) memoised per (request, hits, bookkeeping) so a sweep over
     many thresholds runs the actor once per distinct observation."""
 
-    def __init__(self, policy: Any, emb: np.ndarray, pair_score: Callable[[int, int], float] | None = None) -> None:
+    def __init__(self, policy: Any, emb: np.ndarray, pair_score: Callable[[int, int], float] | None = None, *,
+                 texts: Sequence[str] | None = None) -> None:
         self.policy = policy
         self.emb = emb
+        # each request's language tag: the cross_language hit feature (feature version 3)
+        self.languages = [language_tag(t) for t in texts] if texts is not None else None
         self.pair_score = pair_score  # the verifier's score of (request, cached), for the hits the rule verifies
         self.memo: dict[tuple, tuple[float, float, float]] = {}
         self.calls = 0
@@ -388,15 +392,16 @@ class LrsReplay:
         key = (i, tuple((j, st.uses[j]) for j, _ in cands))
         p = self.memo.get(key)
         if p is None:
+            lang = self.languages
             hits = [SimpleNamespace(similarity=s, entry=SimpleNamespace(
                 vector=self.emb[j], kind=0, cache_value=st.values[j], use_count=st.uses[j],
-                created_at=j * SECONDS_PER_REQUEST)) for j, s in cands]
+                created_at=j * SECONDS_PER_REQUEST, language=lang[j] if lang else None)) for j, s in cands]
             rule = getattr(self.policy, "verify_rule", None)
             scores = None
             if rule is not None and self.pair_score is not None:
                 scores = {k: self.pair_score(i, cands[k][0]) for k in rule.candidates([s for _, s in cands])}
             obs = F.build_observation(self.emb[i], hits, top_p=self.policy.top_p, now=i * SECONDS_PER_REQUEST,
-                                      scores=scores)
+                                      scores=scores, request_language=lang[i] if lang else None)
             p = tuple(float(x) for x in self.policy.probs([obs])[0])
             self.memo[key] = p
             self.calls += 1
@@ -438,7 +443,7 @@ def run_store(w: Workload, policy: Any, *, workdir: Path, pair_score: Callable[[
             scores = None
             if pair_score is not None and hasattr(policy, "to_verify"):
                 scores = {k: pair_score(i, int(hits[k].entry.id)) for k in policy.to_verify(hits)}
-            decision = policy.decide(v, hits, now=now, scores=scores)
+            decision = policy.decide(v, hits, now=now, scores=scores, request_text=w.texts[i])
             if decision.action == "A" and decision.entry is not None:
                 j = int(decision.entry.entry.id)
                 served[i], source[i], correct[i] = True, j, w.cluster[j] == w.cluster[i]
@@ -563,7 +568,7 @@ def mock_protocol(emb: np.ndarray, mock: list[dict[str, str]], *, workdir: Path,
                     idx = policy.to_verify(hits)
                     vals = scorer.score_sync(mock[i]["similar"], [hits[j].entry.question for j in idx]) if idx else []
                     scores = {j: float(v) for j, v in zip(idx, vals)}
-                d = policy.decide(similar[i], hits, now=1.0, scores=scores)
+                d = policy.decide(similar[i], hits, now=1.0, scores=scores, request_text=mock[i]["similar"])
                 if d.action == "A" and d.entry is not None:
                     if int(d.entry.entry.id) == i:
                         pos += 1
@@ -813,7 +818,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             wr["points"]["oracle (top-5)"] = {"engine": "replay", **m}
             # LRS: curve over P(A) thresholds, calibrated points
             if lrs_ok:
-                lr = LrsReplay(lrs[DELTAS[0]], w.emb, score_pair)
+                lr = LrsReplay(lrs[DELTAS[0]], w.emb, score_pair, texts=w.texts)
                 # P(A) spans orders of magnitude (calibrated thresholds sit near 0.4, high-hit-rate points
                 # near 0.001): log-spaced below 0.05, linear above
                 k = max(2, args.lrs_steps // 3)
@@ -842,7 +847,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 systems.append((f"threshold {t:g}", ThresholdPolicy(threshold=t, top_p=TOP_P), threshold_decider(t)))
             if lrs_ok:
                 for d in LEARNED_DELTAS:
-                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, score_pair).decider(lrs[d].threshold)))
+                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, score_pair, texts=w.texts).decider(lrs[d].threshold)))
             for name, policy, rdecide in systems:
                 if args.store:
                     o = run_store(w, policy, workdir=workdir, pair_score=score_pair)

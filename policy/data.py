@@ -553,3 +553,28 @@ def synthetic_dataset(n_clusters: int = 60, dim: int = 32, seed: int = 0) -> Dat
         a_emb=np.zeros((0, dim), dtype=np.float32),
         llm_distance=0.8,
     )
+
+
+def translation_distance(embedder=None) -> dict[str, float]:
+    """Median chord distance of an XQuAD answer in English to its translation, per language and over all
+    (the simulator's ``QoSConfig.translation_distance``), next to two unrelated English answers'."""
+    rows = _read_jsonl(_require(data_dir() / "qa" / "xquad-parallel-dev.jsonl"))
+    embedder = embedder or load_embedder()
+    vec = {lang: embed_texts([r[f"answer_{lang}"] for r in rows], embedder, progress=False)[0] for lang in XQUAD_LANGS}
+    out = {lang: float(np.median(np.linalg.norm(vec["en"] - vec[lang], axis=1))) for lang in XQUAD_LANGS[1:]}
+    out["all"] = float(np.median(np.concatenate([np.linalg.norm(vec["en"] - vec[lang], axis=1) for lang in XQUAD_LANGS[1:]])))
+    shuffled = vec["en"][np.random.default_rng(0).permutation(len(rows))]
+    out["unrelated"] = float(np.median(np.linalg.norm(vec["en"] - shuffled, axis=1)))
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Measurements behind the simulator's constants.")
+    ap.add_argument("--translation-distance", action="store_true",
+                    help="median MiniLM distance of an XQuAD answer to its translations (QoSConfig.translation_distance)")
+    if ap.parse_args().translation_distance:
+        print(json.dumps(translation_distance()))
+    else:
+        ap.print_help()

@@ -8,6 +8,13 @@ and records, for every decision with a semantic hit (not the exact tier), the ac
 entry's cosine and whether that entry is a true duplicate; prints ROC AUC per source and right answers
 among the top k.
 
+``--languages``: what the actor does with a hit cached in another language (feature version 3): on the
+test streams, every decision whose Eq. 4 entry is a question cached in another language, split by whether
+that entry is the same question (its translation, the oracle's C) or another one; the actor's action under
+its calibrated rules next to the oracle's (the best action knowing the LLM's answer) and the expert's.
+
+    python -m policy.diagnose --languages ~/.cache/velo-proxy/sim/runs/full/lrs-w0.1.pt
+
 ``--rules``: each actor's test reward (N = 3, nearest edge) under the argmax and under the threshold
 rule on P(A) calibrated on validation exactly as the shipped policy is (``reproduce.calibrate_actor``):
 does an actor gain from LRS's serving rule? Every checkpoint after the first is also compared with the
@@ -72,10 +79,51 @@ def rules(data, name: str, actor, cfg) -> dict:
     return out
 
 
+def languages(data, name: str, actor, cfg, *, steps: int = 500, seeds=None) -> dict:
+    """Action shares on decisions whose Eq. 4 entry is cached in another language (see the module text)."""
+    from .baselines import NeuralPolicy
+    from .evaluate import evaluate
+    from .reproduce import SEEDS, calibrate_actor
+    from .sim import A, B, C
+
+    cal = calibrate_actor(data, actor, replace(cfg, split="val"), steps)
+    rules = {"reward τ": cal["reward_threshold"], "δ = 2 %": cal["thresholds"].get("0.02"),
+             "δ = 10 %": cal["thresholds"].get("0.1")}
+    out: dict = {"decisions": {}, "rules": {k: (None if v is None else float(v)) for k, v in rules.items()}}
+    for label, tau in rules.items():
+        counts: dict[str, np.ndarray] = {}
+
+        def record(sim, obs, acts):
+            oracle = np.argmax(sim.action_rewards(), axis=1)
+            expert = sim.expert_actions()
+            for i in range(sim.N):
+                j = sim.sel[i]
+                if j is None or sim.exact[i] is not None or not sim.cross_language(i, j):
+                    continue
+                same = sim.hits[i][j].entry.cluster == sim.requests[i]["cluster"]
+                key = "same question" if same else "another question"
+                c = counts.setdefault(key, np.zeros((3, 3), dtype=np.int64))  # rows: actor, oracle, expert
+                c[0, int(acts[i])] += 1
+                c[1, int(oracle[i])] += 1
+                c[2, int(expert[i])] += 1
+
+        for seed in seeds or SEEDS:
+            evaluate(data, NeuralPolicy(actor, name, tau=tau), cfg, steps, seed=seed, record=record)
+        out["decisions"][label] = {k: v.tolist() for k, v in counts.items()}
+        for key, c in sorted(counts.items()):
+            n = int(c[0].sum())
+            shares = lambda row: " ".join(f"{a} {row[k] / max(n, 1):.0%}" for k, a in ((A, "A"), (B, "B"), (C, "C")))  # noqa: E731
+            print(f"{name} [{label}] cross-language entry, {key}: {n} decisions; actor {shares(c[0])}; "
+                  f"oracle {shares(c[1])}; expert {shares(c[2])}")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", type=Path, nargs="+")
     ap.add_argument("--rules", action="store_true", help="test reward under the argmax and the calibrated rules")
+    ap.add_argument("--languages", action="store_true",
+                    help="actions on hits cached in another language, next to the oracle's and the expert's")
     ap.add_argument("--w", type=float, default=0.1)
     a = ap.parse_args(argv)
     import torch
@@ -94,6 +142,9 @@ def main(argv=None) -> None:
     first = None
     for path in a.checkpoints:
         actor = load_actor(path)[0]
+        if a.languages:
+            languages(data, f"{path.parent.name}/{path.stem}", actor, cfg)
+            continue
         if not a.rules:
             ranking(data, actor, cfg)
             continue

@@ -71,7 +71,7 @@ def collect_calibration(data: Dataset, policy, cfg: SimConfig, steps: int, *, se
             if j is not None and sim.exact[i] is None:  # the exact tier is not the policy's call
                 rec["p_a"].append(float(p[i, A]))
                 rec["similarity"].append(sim.hits[i][j].similarity)
-                rec["relevant"].append(float(sim.hits[i][j].entry.cluster == sim.requests[i]["cluster"]))
+                rec["relevant"].append(float(sim.servable(i, j)))  # its cluster, in the request's language
                 rec["source"].append(int(data.c_source[sim.requests[i]["cluster"]]))
                 rec["verifier"].append(float(sim.scores[i].get(j, np.nan)))  # NaN: the entry was not verified
 

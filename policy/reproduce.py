@@ -35,7 +35,7 @@ EDGES = (2, 3, 4, 5)
 MODES = ("nearest", "all")
 LEARNED = ("lrs", "t-mappo", "g-mappo", "mappo")
 LABEL = {"lrs": "LRS", "t-mappo": "T-MAPPO", "g-mappo": "G-MAPPO", "mappo": "MAPPO"}
-POLICY_VERSION = "lrs-default-5"
+POLICY_VERSION = "lrs-default-6"
 SEEDS = tuple(range(2024, 2034))  # ten test streams: the paired comparison needs a standard error
 #: Validation streams on which the static threshold and LRS's serving thresholds are chosen: as many as
 #: the test has, since the gain of serving semantic hits at w = 0.1 is about one stream's noise.

@@ -152,6 +152,8 @@ def logged_dataset(decisions: list[dict], *, qos, b_satisfaction: float) -> Logg
     """Decisions whose reward is known (a reward event, or B with the simulator's prior)."""
     rows = []
     for d in decisions:
+        if int(d["k"]) != F.K:
+            continue  # logged under another feature contract (an older proxy): its observations do not fit
         action = ACTION_INDEX[d["action"]]
         if d["rewards"]:
             q = float(np.mean(d["rewards"]))
@@ -300,7 +302,7 @@ def run(cfg: RetrainConfig) -> dict:
     # The training-only labelled pairs feed neighbourhood demonstrations, which retraining does not use:
     # without them the streams are the same and ~48k fewer texts are embedded on a fresh node.
     data, report["simulator_data"] = load_data(retrain_spec(cfg.data_spec))
-    # the verifier's scores are hit features (feature version 2): the same verifier the proxies run
+    # the verifier's scores are hit features (since feature version 2): the same verifier the proxies run
     report["verifier_pairs"] = len(attach_installed_verifier(data, progress=False).table)
     sim_cfg = SimConfig(stream=cfg.stream)
     sim_cfg = replace(sim_cfg, qos=replace(sim_cfg.qos, w=cfg.w), seed=cfg.seed)

@@ -7,11 +7,16 @@ QoS model (docs/policy.md has the reasons):
 - the cloud LLM's answer to a request (B) is a real sibling reply for oasst1 and otherwise the
   reference rotated by a random angle whose chord equals the measured oasst1 sibling distance;
 - A returns the cached answer of the entry picked by Eq. 4 (``features.select_entry``): an LLM answer
-  to the cached question, right if that question is in the request's cluster, wrong otherwise;
+  to the cached question, right if that question is in the request's cluster and language, wrong
+  otherwise; a cached answer in another language (an XQuAD question cached in Spanish, asked in
+  German) reaches the user as written, its embedding moved from the answer by the measured distance of
+  an answer to its translation (``QoSConfig.translation_distance``), and counts as a false hit;
 - C sends the prompt plus the Eq. 4 entry's Q&A to the LLM: with a relevant entry the answer is the
   normalised mix (1-lam)·a_B + lam·a_cached (lam = ``c_relevant_weight``: two independent answers to the
   same question, combined, land nearer the reference than either); with an irrelevant entry the LLM
-  mostly ignores it (lam = ``c_irrelevant_weight``); either way it pays ``augment_s`` more delay;
+  mostly ignores it (lam = ``c_irrelevant_weight``); either way it pays ``augment_s`` more delay. Across
+  languages C is the right move: relevance is the cluster's (the LLM reads the cached Q&A and answers in
+  the user's language), so the cached answer helps as it does within one language;
 - delay d (Eq. 3): A = edge lookup; B = edge lookup + cloud; C = edge lookup + cloud + augment; plus
   the user-to-edge link of the answering edge;
 - reward r = phi1 * (q - w * d) (Eq. 11 with w = phi2/phi1; phi1 = 10 is the paper's x10).
@@ -45,6 +50,7 @@ import numpy as np
 
 from velo_proxy import cache_value as cv
 from velo_proxy import features as F
+from velo_proxy.language import language_tag, tags_differ
 
 from .data import SOURCES, SPLITS, Dataset
 
@@ -75,6 +81,11 @@ class QoSConfig:
     """C with an irrelevant entry: how much the wrong context leaks into the LLM's answer."""
     llm_distance: float | None = None
     """Chord distance of a synthetic LLM answer from the reference; None = measured on oasst1."""
+    translation_distance: float = 1.20
+    """Chord distance of a cached answer served across languages from the same answer in the user's
+    language: the median all-MiniLM-L6-v2 distance of an XQuAD answer in English to its es/de/ru/zh
+    translation (``python -m policy.data --translation-distance``: 1.202; es 0.94, de 0.90, ru 1.32,
+    zh 1.28; two unrelated English answers 1.34)."""
 
     def reward(self, q: float | np.ndarray, d: float | np.ndarray) -> float | np.ndarray:
         return self.phi1 * (q - self.w * d)
@@ -125,6 +136,7 @@ class SimEntry:
     cluster: int
     created_at: float
     qid: int = -1  # request text it was stored for (the exact tier matches on it)
+    language: str | None = None  # velo_proxy.language.language_tag of that text (features.entry_language)
     kind: int = 0
     use_count: int = 0
     cache_value: float = cv.INITIAL_VALUE
@@ -249,6 +261,7 @@ class EdgeSim:
         self._used: list[set[int]] = [set() for _ in self._src]  # clusters stream: groups drawn this episode
         # user (region r) -> edge e link: the home edge (e = r) is the nearest
         self.links = self.qos.link_s + np.abs(self.slot_edge - self.slot_req) * self.qos.link_hop_s
+        self.q_lang = request_languages(data)
         self.reset()
 
     # --- stream -----------------------------------------------------------------------------
@@ -345,7 +358,8 @@ class EdgeSim:
         hits = []
         for j, t in zip(cached, created_at):
             c = int(self.data.q_cluster[j])
-            entry = SimEntry(vector=self.data.q_emb[j], answer=self._llm_answer(c), cluster=c, created_at=float(t), qid=int(j))
+            entry = SimEntry(vector=self.data.q_emb[j], answer=self._llm_answer(c), cluster=c, created_at=float(t), qid=int(j),
+                             language=self.q_lang[int(j)])
             hits.append(SimHit(entry, float(entry.vector @ u)))
         c = int(self.data.q_cluster[q])
         self.requests[slot] = {"q": int(q), "cluster": c, "llm": self._llm_answer(c)}
@@ -360,14 +374,33 @@ class EdgeSim:
 
     def observations(self) -> list[F.Observation]:
         return [F.build_observation(self.data.q_emb[self.requests[i]["q"]], self.hits[i], top_p=self.cfg.top_p,
-                                    now=self.now, scores=self.scores[i]) for i in range(self.N)]
+                                    now=self.now, scores=self.scores[i], request_language=self.q_lang[self.requests[i]["q"]])
+                for i in range(self.N)]
+
+    def cross_language(self, i: int, j: int) -> bool:
+        """Is hit j of decision i a question cached in another language than the request's?"""
+        return tags_differ(self.q_lang[self.requests[i]["q"]], self.hits[i][j].entry.language)
+
+    def servable(self, i: int, j: int) -> bool:
+        """Would serving hit j as is (A) answer decision i: the same cluster and the same language."""
+        return self.hits[i][j].entry.cluster == self.requests[i]["cluster"] and not self.cross_language(i, j)
+
+    def _translated(self, e: SimEntry) -> np.ndarray:
+        """The cached answer as a user of another language gets it: moved by ``translation_distance`` in a
+        direction fixed per entry (seeded by its text), so the expert's expectation and the outcome agree."""
+        a = e.answer
+        g = np.random.default_rng(e.qid + 104729).standard_normal(a.shape[0]).astype(np.float32)
+        g = _unit(g - float(g @ a) * a)
+        theta = 2.0 * math.asin(min(1.0, self.qos.translation_distance / 2.0))
+        return _unit(math.cos(theta) * a + math.sin(theta) * g)
 
     def true_duplicate_mask(self) -> np.ndarray:
-        """[N, P]: which hits are in the request's cluster (privileged: critic state, oracle, metrics)."""
+        """[N, P]: which hits would answer the request as they are (its cluster and language: ``servable``;
+        privileged: critic state, oracle, metrics)."""
         m = np.zeros((self.N, self.cfg.top_p), dtype=np.float32)
         for i in range(self.N):
-            for j, h in enumerate(self.hits[i]):
-                m[i, j] = float(h.entry.cluster == self.requests[i]["cluster"])
+            for j in range(len(self.hits[i])):
+                m[i, j] = float(self.servable(i, j))
         return m
 
     def global_state(self, obs: Sequence[F.Observation], expected: np.ndarray | None = None) -> np.ndarray:
@@ -402,6 +435,8 @@ class EdgeSim:
         if action == A:
             e = self.hits[i][j].entry
             ans, d, rel = e.answer, qos.edge_s, e.cluster == req["cluster"]
+            if self.cross_language(i, j):  # the right answer in another language is not this user's answer
+                ans, rel = self._translated(e), False
         elif action == B:
             ans, d, rel = req["llm"], qos.edge_s + qos.cloud_s, None
         else:
@@ -468,7 +503,8 @@ class EdgeSim:
                 continue
             e = self.hits[i][j].entry
             rel = e.cluster == c
-            out[i, A] = qos.reward(-float(np.linalg.norm(e.answer - ref)), qos.edge_s + link)
+            served = self._translated(e) if self.cross_language(i, j) else e.answer
+            out[i, A] = qos.reward(-float(np.linalg.norm(served - ref)), qos.edge_s + link)
             lam = qos.c_relevant_weight if rel else qos.c_irrelevant_weight
             qc = float(np.mean([-np.linalg.norm(_unit((1.0 - lam) * a + lam * e.answer) - ref) for a in cands]))
             out[i, C] = qos.reward(qc, qos.edge_s + qos.cloud_s + qos.augment_s + link)
@@ -529,7 +565,8 @@ class EdgeSim:
             if info.action[i] in (B, C) and self.slot_edge[i] == self.slot_req[i]:
                 req = self.requests[i]
                 self.caches[self.slot_edge[i]].add(SimEntry(vector=self.data.q_emb[req["q"]], answer=answers[i],
-                                                            cluster=req["cluster"], created_at=self.now, qid=req["q"]))
+                                                            cluster=req["cluster"], created_at=self.now, qid=req["q"],
+                                                            language=self.q_lang[req["q"]]))
         before = self.requests_seen.copy()
         self.requests_seen += np.bincount(self.slot_edge, minlength=self.E)
         self.t += 1
@@ -545,6 +582,14 @@ class EdgeSim:
                 self._reshuffle()
         self._next_requests()
         return info.reward.copy(), info, done, self.observations()
+
+
+def request_languages(data: Dataset) -> list[str | None]:
+    """``language_tag`` of every request text, computed once per dataset object (kept in ``data.meta``)."""
+    tags = data.meta.get("q_language")
+    if tags is None or len(tags) != len(data.q_text):
+        tags = data.meta["q_language"] = [language_tag(t) for t in data.q_text]
+    return tags
 
 
 def make_sim(data: Dataset, **overrides) -> EdgeSim:

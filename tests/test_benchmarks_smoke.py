@@ -52,7 +52,7 @@ class _StubLRS:
             out.append([pa, 1.0 - pa, 0.0])
         return np.asarray(out, dtype=np.float32)
 
-    def decide(self, vector, hits, *, now, scores=None):  # noqa: ANN001
+    def decide(self, vector, hits, *, now, scores=None, request_text=None):  # noqa: ANN001
         from velo_proxy import features as F
         from velo_proxy.policy import Decision
 

@@ -76,3 +76,24 @@ def test_a_hit_cached_in_another_language_is_not_served_as_is(make_proxy, embedd
     settle(proxy)
     _, h3 = ask(proxy, "What is the capital of Australia, and why was that city chosen?")
     assert h3["x-velo-action"] == "A"
+
+
+def test_the_learned_policy_reads_the_language_of_each_hit(make_proxy, tmp_path, upstream_requests):
+    """Feature version 3 through the real proxy: the request's question and each cached question go through
+    velo_proxy.language into the hit row's cross_language column. The probe actor augments (C) exactly when
+    the top hit's column is 1, and forwards otherwise."""
+    from tests.policy_builders import export_rule_policy
+
+    path = export_rule_policy(tmp_path / "language.onnx", embedder_id="sentence-transformers/all-MiniLM-L6-v2",
+                              version="rule-language", serve_above=0.5, on="cross_language", steer="C")
+    proxy = make_proxy(policy="learned", policy_path=path, admin_key=ADMIN)
+    _, h1 = ask(proxy, QUESTIONS["en"])
+    assert h1["x-velo-action"] == "B"
+    settle(proxy)
+    _, h2 = ask(proxy, "What is the capital of Australia, and why was that city chosen?")
+    assert h2["x-velo-action"] == "B"  # the same language: the column is 0
+    settle(proxy)
+    _, h3 = ask(proxy, QUESTIONS["de"])
+    assert h3["x-velo-action"] == "C"  # German against English: 1
+    sent = upstream_requests[-1]["body"]["messages"]
+    assert sent[-1]["content"] == QUESTIONS["de"] and "Australia" in sent[0]["content"]

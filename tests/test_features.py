@@ -1,10 +1,13 @@
 """velo_proxy.features: the observation contract shared by training and serving."""
 
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
 from velo_proxy import features as F
+from velo_proxy.language import detect, different_languages, language_tag, script, tags_differ
 from velo_proxy.store.base import KIND_ANSWER, CacheEntry, Hit
 
 
@@ -69,3 +72,54 @@ def test_select_entry_eq4():
     hf[0, :, 0] = [0.95, 0.945, 0.8]
     hf[0, :, F.HIT_FEATURE_NAMES.index("cache_value")] = [0.0, 1.0, 1.0]
     assert F.select_entry_from_features(hf, np.ones((1, 3), dtype=np.float32)).tolist() == [1]
+
+
+def test_a_hit_cached_in_another_language_says_so():
+    """Feature version 3: the cross_language column is 1 where the cached question's language differs from
+    the request's (language.tags_differ), 0 where it is the same, unknown, or the request's is not given."""
+    rng = np.random.default_rng(1)
+    u = _unit(rng.standard_normal(8))
+    spanish = dataclasses.replace(_entry(u), question="¿Cuántos balones interceptó Josh Norman?")
+    english = dataclasses.replace(_entry(u), question="How many balls did Josh Norman intercept?")
+    hits = [Hit(spanish, 0.9), Hit(english, 0.8)]
+    column = F.HIT_FEATURE_NAMES.index("cross_language")
+    asked = language_tag("Wie viele Bälle fing Josh Norman ab?")
+    o = F.build_observation(u, hits, top_p=3, now=1.0, request_language=asked)
+    assert o.hit_features[:2, column].tolist() == [1.0, 1.0]
+    o = F.build_observation(u, hits, top_p=3, now=1.0, request_language=language_tag("How many balls did he catch?"))
+    assert o.hit_features[:2, column].tolist() == [1.0, 0.0]
+    assert F.build_observation(u, hits, top_p=3, now=1.0).hit_features[:2, column].tolist() == [0.0, 0.0]
+    # an entry that carries its tag (the simulator's) is not re-detected
+    tagged = SimpleNamespace(vector=u, kind=0, cache_value=0.0, use_count=0, created_at=0.0, language="zh", question="x")
+    o = F.build_observation(u, [Hit(tagged, 0.9)], top_p=1, now=1.0, request_language="latin")
+    assert o.hit_features[0, column] == 1.0
+    # an undetected Latin-script question is never "another language" of a Latin-script one
+    o = F.build_observation(u, [Hit(tagged, 0.9)], top_p=1, now=1.0, request_language="zh")
+    assert o.hit_features[0, column] == 0.0
+
+
+def _reference_rule(a, b):
+    """docs/multilingual.md's rule as written: different scripts, or both detected and different."""
+    sa, sb = script(a), script(b)
+    if sa is None or sb is None:
+        return False
+    if sa != sb:
+        return True
+    if sa != "latin":
+        return False
+    la, lb = detect(a), detect(b)
+    return la is not None and lb is not None and la != lb
+
+
+def test_language_tags_follow_the_documented_rule():
+    texts = ["How many balls did Josh Norman intercept?", "¿Cuántos balones interceptó Josh Norman?",
+             "Wie viele Bälle fing Josh Norman ab?", "Сколько мячей перехватил Джош Норман?", "约什·诺曼拦截了多少球？",
+             "Josh Norman 2015", "1234", "Kawann Short"]
+    for a in texts:
+        for b in texts:
+            same_text = a == b
+            differ = tags_differ(language_tag(a), language_tag(b))
+            assert differ == different_languages(a, b) == _reference_rule(a, b)
+            assert not (same_text and differ)
+    assert different_languages(texts[1], texts[2]) and different_languages(texts[3], texts[4])
+    assert not different_languages(texts[0], texts[5]) and not different_languages(texts[0], texts[6])

@@ -285,6 +285,7 @@ def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_d
     simulator's cache (policy.sim.EdgeCache) gives the same observation."""
     from policy.sim import EdgeCache, SimEntry
     from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.language import language_tag
 
     original, similar = paraphrase
     proxy = make_proxy(policy="learned", policy_path=serve_policy, redis_url=redis_server.url, agent_id="same",
@@ -319,7 +320,9 @@ def test_simulator_and_proxy_build_identical_observations(make_proxy, embedder_d
     sim_hits[0].entry.qid = 1
     scores = scorer.lookup(SimpleNamespace(q_text=[similar, original]), [(0, sim_hits)])[0]
     assert list(scores) == [0] and 0 < scores[0] <= 1  # the one hit, above the cosine floor, is verified
-    sim_obs = F.build_observation(u_similar[0], sim_hits, top_p=5, now=float(logged["obs_now"]), scores=scores)
+    sim_hits[0].entry.language = language_tag(original)  # the simulator's entries carry their tag
+    sim_obs = F.build_observation(u_similar[0], sim_hits, top_p=5, now=float(logged["obs_now"]), scores=scores,
+                                  request_language=language_tag(similar))
     for name in ("request_embedding", "hit_embeddings", "hit_features", "hit_mask"):
         np.testing.assert_allclose(getattr(proxy_obs, name), getattr(sim_obs, name), atol=1e-5, err_msg=name)
     assert proxy_obs.hit_features[0, F.HIT_FEATURE_NAMES.index("verified")] == 1.0
@@ -340,9 +343,9 @@ def test_observation_encoding_round_trip():
 def test_default_proxy_runs_the_shipped_policy(make_proxy, embedder_dir, paraphrase):
     proxy = make_proxy(policy="learned", admin_key=ADMIN)
     _, headers = ask(proxy, paraphrase[0])
-    assert headers["x-velo-policy"] == "lrs-default-5"
+    assert headers["x-velo-policy"] == "lrs-default-6"
     ready = httpx.get(f"{proxy.url}/readyz").json()
-    assert ready["checks"]["policy"]["detail"] == "lrs-default-5"
+    assert ready["checks"]["policy"]["detail"] == "lrs-default-6"
 
 
 def test_the_actor_reads_the_verifier_scores_and_the_veto_has_the_last_word(tmp_path):

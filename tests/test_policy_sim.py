@@ -206,3 +206,34 @@ def test_verifier_scores_are_hit_features_of_the_verified_hits():
     data.pair_scores = None
     bare = make_sim(data, n_agents=1).reset()
     assert not any(o.hit_features[:, k_flag].any() for o in bare)  # no verifier: nothing verified
+
+
+def test_a_hit_cached_in_another_language_is_a_false_hit_for_a_and_relevant_for_c():
+    """The reward of serving across languages (docs/policy.md, "C across languages"): A hands the user an
+    answer in another language (moved by the measured translation distance, a false hit); C lets the LLM
+    answer in the user's language with the cached Q&A, as relevant as within one language."""
+    data = synthetic_dataset()
+    c = next(k for k, m in enumerate(data.c_members) if len(m) >= 2)
+    asked, cached = (int(x) for x in data.c_members[c][:2])
+    data.q_text[asked] = "How many balls did Josh Norman intercept?"
+    outcomes = {}
+    for lang, text in (("same", "How many balls were intercepted by Josh Norman?"),
+                       ("other", "¿Cuántos balones interceptó Josh Norman?")):
+        data.q_text[cached] = text
+        data.meta.pop("q_language", None)
+        sim = make_sim(data, seed=0, n_agents=1)
+        sim.place_request(0, asked, [cached], [0.0])
+        column = F.HIT_FEATURE_NAMES.index("cross_language")
+        assert sim.observations()[0].hit_features[0, column] == (1.0 if lang == "other" else 0.0)
+        assert sim.servable(0, 0) == (lang == "same")
+        expected = sim.expected_action_rewards()[0]
+        exact = sim.action_rewards()[0]
+        _, _, _, _, rel_a = sim._outcome(0, A)
+        _, _, _, _, rel_c = sim._outcome(0, C)
+        outcomes[lang] = (expected, exact, rel_a, rel_c)
+    same, other = outcomes["same"], outcomes["other"]
+    assert same[2] is True and other[2] is False  # A across languages is a false hit
+    assert same[3] is True and other[3] is True  # C's cached Q&A is relevant either way
+    assert other[0][A] < same[0][A] - 1.0 and other[1][A] < same[1][A] - 1.0  # phi1 x the translation distance
+    assert other[0][C] == pytest.approx(same[0][C]) and other[0][B] == pytest.approx(same[0][B])
+    assert other[0][C] > other[0][A]  # across languages the expert augments rather than serves

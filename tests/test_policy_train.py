@@ -183,6 +183,39 @@ def test_collect_calibration_records_under_a_driver(tiny, trained):
     assert verified.any() and (rec["similarity"][verified] >= tiny.pair_scores.rule.cosine_floor - 1e-6).all()
 
 
+def test_languages_diagnosis_counts_cross_language_decisions(tiny, trained):
+    """policy.diagnose --languages: the decisions whose Eq. 4 entry is cached in another language, with the
+    actor's, the oracle's and the expert's actions; serving such an entry as is (A) is never the oracle's
+    choice, since the answer would reach the user in another language."""
+    from policy.diagnose import languages
+    from policy.sim import A
+
+    actor, _ = trained
+    out = languages(tiny, "lrs", actor, SimConfig(split="test", capacity=300), steps=80, seeds=(1, 2))
+    assert set(out["rules"]) == {"reward τ", "δ = 2 %", "δ = 10 %"}
+    seen = 0
+    for label, by_kind in out["decisions"].items():
+        for kind, (actor_row, oracle_row, expert_row) in by_kind.items():
+            assert kind in ("same question", "another question")
+            assert sum(actor_row) == sum(oracle_row) == sum(expert_row) > 0
+            assert oracle_row[A] == 0 and expert_row[A] == 0
+            seen += sum(actor_row)
+    assert seen > 0  # XQuAD's translations do meet in the tiny streams
+
+
+def test_translation_distance_is_measured_on_xquad(tiny, embedder_dir):
+    """python -m policy.data --translation-distance, the simulator's QoSConfig.translation_distance: an answer
+    in another language is nearer its English original than an unrelated answer is, and nearer in Latin
+    script (names and numbers are shared) than in Cyrillic or Han."""
+    from policy.data import translation_distance
+    from velo_proxy.embedder import OnnxEmbedder
+
+    d = translation_distance(OnnxEmbedder(embedder_dir, threads=2))
+    assert set(d) == {"es", "de", "ru", "zh", "all", "unrelated"}
+    assert 0.3 < d["all"] < d["unrelated"] < 1.5
+    assert max(d["es"], d["de"]) < min(d["ru"], d["zh"])
+
+
 def test_roc_auc_by_hand():
     from policy.diagnose import roc_auc_score
 

@@ -10,7 +10,10 @@ For one request an observation holds:
 
 Since version 2 a hit row carries the pair verifier's score (``velo_proxy.verifier``) of (request,
 cached question) when the serving rule verified that hit (``VerifyRule.candidates``: the best
-``top_k`` hits above the cosine floor), and a flag saying so. Training and serving verify the same
+``top_k`` hits above the cosine floor), and a flag saying so. Since version 3 it also says whether the
+cached question is in another language than the request (``velo_proxy.language``: a cached answer in
+Spanish does not answer a question asked in German, however close the two vectors are; action C does,
+docs/policy.md "C across languages"). Training and serving verify the same
 hits: the simulator looks the scores up in a table made by the same verifier (``policy/pair_scores.py``),
 the proxy scores them in one batched call before the policy decides.
 
@@ -29,7 +32,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-FEATURE_VERSION: int = 2
+from velo_proxy.language import language_tag, tags_differ
+
+FEATURE_VERSION: int = 3
 
 #: Per-hit scalar features, in column order of ``hit_features``.
 HIT_FEATURE_NAMES: tuple[str, ...] = (
@@ -43,6 +48,7 @@ HIT_FEATURE_NAMES: tuple[str, ...] = (
     "gap_to_top",  # similarity of the best hit minus this one's (>= 0)
     "verifier_score",  # the pair verifier's P(same request) of (request, this hit's question); 0 if not verified
     "verified",  # 1 when the verifier scored this hit, 0 when it did not (below the floor, beyond top_k, failed)
+    "cross_language",  # 1 when the cached question is in another language than the request (language.tags_differ)
 )
 K: int = len(HIT_FEATURE_NAMES)
 
@@ -65,7 +71,8 @@ class Observation:
 
 
 def hit_feature_row(similarity: float, *, kind: int, cache_value: float, use_count: int, age_s: float,
-                    rank: int, top_p: int, top_similarity: float, verifier_score: float | None = None) -> np.ndarray:
+                    rank: int, top_p: int, top_similarity: float, verifier_score: float | None = None,
+                    cross_language: bool = False) -> np.ndarray:
     """The ``K`` scalars of one hit (exposed so tests and the docs can see the exact scaling).
     ``verifier_score`` None: the hit was not verified."""
     s = float(similarity)
@@ -82,17 +89,32 @@ def hit_feature_row(similarity: float, *, kind: int, cache_value: float, use_cou
             max(0.0, float(top_similarity) - s),
             min(1.0, max(0.0, float(verifier_score))) if verified else 0.0,
             1.0 if verified else 0.0,
+            1.0 if cross_language else 0.0,
         ],
         dtype=np.float32,
     )
 
 
+_UNSET = object()
+
+
+def entry_language(entry: Any) -> str | None:
+    """The ``language_tag`` of a cached entry's question: its ``language`` attribute when it has one (the
+    simulator's entries carry it), else computed from ``entry.question`` (the proxy's ``CacheEntry``)."""
+    tag = getattr(entry, "language", _UNSET)
+    if tag is not _UNSET:
+        return tag
+    question = getattr(entry, "question", None)
+    return language_tag(question) if question else None
+
+
 def build_observation(request_embedding: np.ndarray, hits: Sequence[Any], *, top_p: int, now: float,
-                      scores: Mapping[int, float] | None = None) -> Observation:
+                      scores: Mapping[int, float] | None = None, request_language: str | None = None) -> Observation:
     """Observation of one request from the store's hits (``Hit(entry, similarity)``, best first).
 
     ``scores``: the pair verifier's score per hit index (the hits it verified); None or missing
-    indices: not verified.
+    indices: not verified. ``request_language``: the request question's ``language.language_tag``
+    (None: unknown, and no hit counts as in another language).
 
     Only the first ``top_p`` hits are used; missing ones are zero rows with mask 0. ``hits`` may be
     any objects with ``.similarity`` and ``.entry`` (``.vector``, ``.kind``, ``.cache_value``,
@@ -113,6 +135,7 @@ def build_observation(request_embedding: np.ndarray, hits: Sequence[Any], *, top
                 h.similarity, kind=e.kind, cache_value=e.cache_value, use_count=e.use_count,
                 age_s=now - e.created_at, rank=i, top_p=top_p, top_similarity=top,
                 verifier_score=scores.get(i) if scores else None,
+                cross_language=request_language is not None and tags_differ(request_language, entry_language(e)),
             )
             mask[i] = 1.0
     return Observation(u, hit_emb, feats, mask)

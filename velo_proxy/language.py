@@ -113,15 +113,27 @@ def detect(text: str) -> str | None:
     return _latin_language(text) if s == "latin" else s
 
 
+def language_tag(text: str) -> str | None:
+    """What ``different_languages`` compares, for one text, computed once: the language code where it
+    can tell (``detect``), ``"latin"`` for a Latin-script text it cannot place, None without letters.
+    The policy's features and the simulator keep this tag per cached question (``tags_differ``)."""
+    s = script(text)
+    if s != "latin":
+        return s
+    return _latin_language(text) or "latin"
+
+
+def tags_differ(a: str | None, b: str | None) -> bool:
+    """``different_languages`` on two ``language_tag`` values."""
+    if a is None or b is None or a == b:
+        return False
+    latin_a, latin_b = a == "latin" or a in _WORDS, b == "latin" or b in _WORDS
+    if latin_a and latin_b:
+        return a != "latin" and b != "latin"  # an undetected Latin-script text is never "different"
+    return True  # two scripts, or two languages named by their scripts
+
+
 def different_languages(a: str, b: str) -> bool:
     """True when the two texts are in different scripts, or both are detected and their languages
     differ. An undetected Latin-script text is never "different" from another Latin-script one."""
-    sa, sb = script(a), script(b)
-    if sa is None or sb is None:
-        return False
-    if sa != sb:
-        return True
-    if sa != "latin":
-        return False  # one script that names one language
-    la, lb = _latin_language(a), _latin_language(b)
-    return la is not None and lb is not None and la != lb
+    return tags_differ(language_tag(a), language_tag(b))

@@ -6,8 +6,9 @@ B (forward upstream) or C (forward with cached Q&A as context).
 - ``ThresholdPolicy``: the static cosine threshold GPTCache and LiteLLM ship (unverified).
 - ``LearnedPolicy``: the exported LRS actor (ONNX, onnxruntime only), fed by ``velo_proxy.features``
   exactly as in training — the verifier's scores of the hits the ``verify_rule`` selects are hit
-  features (feature version 2) — with the calibrated rule that bounds the false-hit rate; with
-  ``veto`` its A decisions are served only when the verifier's score reaches the rule's threshold.
+  features (since feature version 2; version 3 adds whether each hit is cached in another language
+  than the request) — with the calibrated rule that bounds the false-hit rate; with ``veto`` its A
+  decisions are served only when the verifier's score reaches the rule's threshold.
 
 A policy with a ``verify_rule`` tells the engine which hits to verify (``to_verify``); the engine
 scores them in one batched verifier call and passes ``scores`` (hit index -> score) to ``decide``.
@@ -29,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from velo_proxy import features as F
+from velo_proxy.language import language_tag
 # the serving rule's calibration and the policy directory have homes of their own, shared with policy/;
 # re-exported because callers import them from here
 from velo_proxy.calibration import serve_threshold, serving_actions  # noqa: F401
@@ -67,7 +69,7 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
-               scores: dict[int, float] | None = None) -> Decision: ...
+               scores: dict[int, float] | None = None, request_text: str | None = None) -> Decision: ...
 
 
 def _best_score(scores: dict[int, float] | None) -> float | None:
@@ -85,7 +87,7 @@ class VerifiedPolicy(Policy):
         self.version = version
 
     def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
-               scores: dict[int, float] | None = None) -> Decision:
+               scores: dict[int, float] | None = None, request_text: str | None = None) -> Decision:
         if self.verify_rule is None or not scores:
             return Decision("B", None, 1.0, verifier_score=_best_score(scores))
         rule = self.verify_rule
@@ -113,7 +115,7 @@ class ThresholdPolicy(Policy):
         self.version = f"threshold-{threshold:g}"
 
     def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
-               scores: dict[int, float] | None = None) -> Decision:
+               scores: dict[int, float] | None = None, request_text: str | None = None) -> Decision:
         if hits and hits[0].similarity >= self.threshold:
             return Decision("A", hits[0], 1.0)
         return Decision("B", None, 1.0)
@@ -206,8 +208,11 @@ class LearnedPolicy(Policy):
         return int(serving_actions(np.asarray(p)[None], self.threshold, has_hits=np.array([has_hits]))[0])
 
     def decide(self, request_vector: np.ndarray, hits: Sequence[Hit], *, now: float,
-               scores: dict[int, float] | None = None) -> Decision:
-        observation = F.build_observation(request_vector, hits, top_p=self.top_p, now=now, scores=scores)
+               scores: dict[int, float] | None = None, request_text: str | None = None) -> Decision:
+        # the request's language is a hit feature (feature version 3): is the cached question in another one?
+        language = language_tag(request_text) if request_text else None
+        observation = F.build_observation(request_vector, hits, top_p=self.top_p, now=now, scores=scores,
+                                          request_language=language)
         p = self.probs([observation])[0]
         has_hits = bool(hits)
         greedy = chosen = self.rule(p, has_hits)

@@ -75,8 +75,9 @@ class Decide:
             return Choice("A", answer=hit.entry.answer, hit=hit, entry=hit.entry.id, similarity=hit.similarity,
                           same_question=True)
         policy, hits = ctx.trace.policy, found.hits
+        question = ctx.key.question if ctx.key is not None else None
         decision = self.guard.run("policy", lambda: policy.decide(ctx.vector, hits, now=time.time(),
-                                                                  scores=found.scores))
+                                                                  scores=found.scores, request_text=question))
         if decision is None:
             return Choice("B")
         self._count_verification(policy, found, decision)
