@@ -12,8 +12,8 @@ Since version 2 a hit row carries the pair verifier's score (``velo_proxy.verifi
 cached question) when the serving rule verified that hit (``VerifyRule.candidates``: the best
 ``top_k`` hits above the cosine floor), and a flag saying so. Since version 3 it also says whether the
 cached question is in another language than the request (``velo_proxy.language``: a cached answer in
-Spanish does not answer a question asked in German, however close the two vectors are; action C does,
-docs/policy.md "C across languages"). Training and serving verify the same
+Spanish does not answer a question asked in German, however close the two vectors are; action C does:
+docs/policy.md, QoS model, "Across languages"). Training and serving verify the same
 hits: the simulator looks the scores up in a table made by the same verifier (``policy/pair_scores.py``),
 the proxy scores them in one batched call before the policy decides.
 
