@@ -379,11 +379,11 @@ class LrsReplay:
     many thresholds runs the actor once per distinct observation."""
 
     def __init__(self, policy: Any, emb: np.ndarray, pair_score: Callable[[int, int], float] | None = None, *,
-                 texts: Sequence[str] | None = None) -> None:
+                 languages: Sequence[str | None]) -> None:
         self.policy = policy
         self.emb = emb
-        # each request's language tag: the cross_language hit feature (feature version 3)
-        self.languages = [language_tag(t) for t in texts] if texts is not None else None
+        # each request's language.language_tag: the cross_language hit feature (feature version 3)
+        self.languages = languages
         self.pair_score = pair_score  # the verifier's score of (request, cached), for the hits the rule verifies
         self.memo: dict[tuple, tuple[float, float, float]] = {}
         self.calls = 0
@@ -392,16 +392,15 @@ class LrsReplay:
         key = (i, tuple((j, st.uses[j]) for j, _ in cands))
         p = self.memo.get(key)
         if p is None:
-            lang = self.languages
             hits = [SimpleNamespace(similarity=s, entry=SimpleNamespace(
                 vector=self.emb[j], kind=0, cache_value=st.values[j], use_count=st.uses[j],
-                created_at=j * SECONDS_PER_REQUEST, language=lang[j] if lang else None)) for j, s in cands]
+                created_at=j * SECONDS_PER_REQUEST, language=self.languages[j])) for j, s in cands]
             rule = getattr(self.policy, "verify_rule", None)
             scores = None
             if rule is not None and self.pair_score is not None:
                 scores = {k: self.pair_score(i, cands[k][0]) for k in rule.candidates([s for _, s in cands])}
             obs = F.build_observation(self.emb[i], hits, top_p=self.policy.top_p, now=i * SECONDS_PER_REQUEST,
-                                      scores=scores, request_language=lang[i] if lang else None)
+                                      scores=scores, request_language=self.languages[i])
             p = tuple(float(x) for x in self.policy.probs([obs])[0])
             self.memo[key] = p
             self.calls += 1
@@ -818,7 +817,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             wr["points"]["oracle (top-5)"] = {"engine": "replay", **m}
             # LRS: curve over P(A) thresholds, calibrated points
             if lrs_ok:
-                lr = LrsReplay(lrs[DELTAS[0]], w.emb, score_pair, texts=w.texts)
+                languages = [language_tag(t) for t in w.texts]  # once per workload, for every LRS replay
+                lr = LrsReplay(lrs[DELTAS[0]], w.emb, score_pair, languages=languages)
                 # P(A) spans orders of magnitude (calibrated thresholds sit near 0.4, high-hit-rate points
                 # near 0.001): log-spaced below 0.05, linear above
                 k = max(2, args.lrs_steps // 3)
@@ -847,7 +847,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 systems.append((f"threshold {t:g}", ThresholdPolicy(threshold=t, top_p=TOP_P), threshold_decider(t)))
             if lrs_ok:
                 for d in LEARNED_DELTAS:
-                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, score_pair, texts=w.texts).decider(lrs[d].threshold)))
+                    systems.append((f"LRS δ={d:g}", lrs[d], LrsReplay(lrs[d], w.emb, score_pair, languages=languages).decider(lrs[d].threshold)))
             for name, policy, rdecide in systems:
                 if args.store:
                     o = run_store(w, policy, workdir=workdir, pair_score=score_pair)

@@ -112,3 +112,27 @@ def test_retrain_without_enough_experience_publishes_nothing(redis_server, untra
     report = json.loads(done.stdout[done.stdout.index("{"):])
     assert report["published"] is False and "logged decisions" in report["reason"]
     assert untrained_policy_dir.current()["version"] == "lrs-v0"
+
+
+def test_logged_decisions_of_another_feature_contract_are_left_out():
+    """An older proxy logged observations with fewer hit features (feature version 2: K = 10); retraining on
+    the current contract takes only decisions whose K matches instead of failing to stack them."""
+    import numpy as np
+
+    from policy.retrain import logged_dataset
+    from policy.sim import QoSConfig
+    from velo_proxy.experience import encode_observation
+
+    rng = np.random.default_rng(0)
+
+    def decision(k: int, request_id: str) -> dict:
+        obs = F.Observation(rng.standard_normal(384).astype(np.float32), rng.standard_normal((5, 384)).astype(np.float32),
+                            rng.standard_normal((5, k)).astype(np.float32), np.array([1, 0, 0, 0, 0], np.float32))
+        return {"request_id": request_id, "agent": "a", "action": "B", "prob": "1.0", "rewards": [-0.5],
+                "delay_s": "3.0", "obs": encode_observation(obs), "dim": "384", "top_p": "5", "k": str(k)}
+
+    logged = logged_dataset([decision(F.K - 1, "old"), decision(F.K, "new"), decision(F.K, "new2")],
+                            qos=QoSConfig(), b_satisfaction=-0.5)
+    assert logged is not None and len(logged.action) == 2
+    assert logged.obs["hit_features"].shape == (2, 5, F.K)
+    assert logged_dataset([decision(F.K - 1, "old")], qos=QoSConfig(), b_satisfaction=-0.5) is None

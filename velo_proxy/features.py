@@ -95,17 +95,13 @@ def hit_feature_row(similarity: float, *, kind: int, cache_value: float, use_cou
     )
 
 
-_UNSET = object()
-
-
 def entry_language(entry: Any) -> str | None:
     """The ``language_tag`` of a cached entry's question: its ``language`` attribute when it has one (the
     simulator's entries carry it), else computed from ``entry.question`` (the proxy's ``CacheEntry``)."""
-    tag = getattr(entry, "language", _UNSET)
-    if tag is not _UNSET:
-        return tag
-    question = getattr(entry, "question", None)
-    return language_tag(question) if question else None
+    tag = getattr(entry, "language", None)
+    if tag is None and getattr(entry, "question", None):
+        tag = language_tag(entry.question)
+    return tag
 
 
 def build_observation(request_embedding: np.ndarray, hits: Sequence[Any], *, top_p: int, now: float,
