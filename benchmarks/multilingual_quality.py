@@ -1,11 +1,12 @@
 """Per-language cache quality, all-MiniLM-L6-v2 vs multilingual-e5-small (issue #16).
 
     python benchmarks/multilingual_quality.py [--pawsx-pairs 2000] [--e5-dir DIR] [--data-dir DIR] [--doc]
+    python benchmarks/multilingual_quality.py --lrs [--doc]   # the learned policy shipped for each embedder
 
 For each embedder, on streams shaped like benchmarks/quality.py's (clusters in random order, the first
 arrival of each cluster a negative, the labelled near misses interleaved), with the plain cosine
-threshold as the decision (the pair verifier and LRS are MiniLM-built and English-trained, so e5 has only
-the threshold; the languages are compared on the same rule):
+threshold as the decision (the languages and embedders are compared on the same rule; the verified and the
+learned policies have their own sections, ``--verified`` and ``--lrs``):
 
 - **PAWS-X, per language** (de en es fr ja ko zh): each language's dev pairs are split in two halves by
   connected component; on the calibration half the threshold for δ is the smallest whose one-sided 95 %
@@ -20,6 +21,11 @@ the threshold; the languages are compared on the same rule):
   (precision); a same-language hit is always wrong here (XQuAD has no paraphrases within a language).
 - **XQuAD within one language**: each language's 890 questions alone (all different): false hits per
   1,000 requests at the fixed thresholds.
+
+- **The learned policy per language** (``--lrs``): each embedder's shipped LRS (``SHIPPED_POLICIES``) with
+  its verifier's scores and the language of each hit as features, on the PAWS-X test halves at its own
+  calibrated thresholds, and on XQuAD across languages: which action it takes where its Eq. 4 entry is the
+  same question in another language (the oracle's C) and where it is another question.
 
 - **The English pair verifier per language** (``--verifier-only``): AUC of its score, paraphrase vs near
   miss, on each language's PAWS-X pairs (``--pawsx-pairs``), and in XQuAD of a question with its own
@@ -39,7 +45,8 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -215,6 +222,135 @@ def verifier_by_language(data: Path, pairs_per_lang: int, seed: int, threads: in
         own = v.score_many(en, [r[f"question_{lang}"] for r in xrows])
         other = v.score_many(en, [xrows[(i + 1) % len(xrows)][f"question_{lang}"] for i in range(len(xrows))])
         L.append(f"| en–{lang} | {len(xrows)} | {auc(own, other):.3f} | {own.mean():.3f} | {other.mean():.3f} |")
+    return "\n".join(L)
+
+
+LRS_DELTAS = (0.02, 0.05, 0.1)
+
+
+def lrs_by_language(embedders: dict[str, Any], data: Path, pawsx_pairs: int, seed: int, threads: int) -> dict[str, Any]:
+    """The learned policy the package ships for each embedder (``velo_proxy.policy.SHIPPED_POLICIES``), run as
+    the proxy runs it (its hits verified by the learned policy's verifier with that embedder's calibration
+    block, the scores and the language of each hit as features), on real multilingual streams:
+
+    - PAWS-X per language: the test halves of ``run`` (same split), at the actor's own P(A) thresholds for
+      each δ (calibrated in the simulator, stored in the policy), plus the action mix on the requests whose
+      best hit is a labelled paraphrase;
+    - XQuAD across languages: for each request the Eq. 4 entry's relation to it (the same question in
+      another language — the oracle's C —, another question in another language, another question in the
+      same language) against the action the actor takes (A at δ's τ, else the likelier of B and C)."""
+    from quality import TOP_P, LrsReplay, load_lrs, pair_scorer
+
+    from velo_proxy import features as F
+    from velo_proxy.language import language_tag, tags_differ
+    from velo_proxy.settings import Settings
+    from velo_proxy.verifier import PairVerifier
+
+    def mix(lr: LrsReplay, w: Workload, tau: float, relation: Callable[[int, int], str | None]) -> dict[str, Any]:
+        """Run the actor at A-threshold ``tau`` over ``w``; count its actions by ``relation(request, entry)``."""
+        counts: dict[str, dict[str, int]] = {}
+
+        def decide(i: int, cands: list[tuple[int, float]], st: Any) -> int | None:
+            p = lr.probs(i, cands, st)
+            hits = [SimpleNamespace(similarity=sv, entry=SimpleNamespace(cache_value=st.values[j])) for j, sv in cands]
+            k = F.select_entry(hits, top_p=TOP_P)
+            j = cands[k][0] if k is not None else cands[0][0]
+            action = "A" if p[F.ACTION_A] >= tau else ("C" if p[F.ACTION_C] > p[F.ACTION_B] else "B")
+            rel = relation(i, j)
+            if rel is not None:
+                row = counts.setdefault(rel, {"A": 0, "B": 0, "C": 0})
+                row[action] += 1
+            return j if action == "A" else None
+
+        m = Replay(w.emb, w.cluster).run(decide).metrics(w.positives_mask(), w)
+        return {"hit_rate": m["hit_rate"], "fhr": m["fhr"], "hits": m["hits"], "false": m["false"], "actions": counts}
+
+    out: dict[str, Any] = {}
+    for label, embedder in embedders.items():
+        verifier = PairVerifier(Settings(policy="learned").verifier_dir, threads=threads, embedder_id=embedder.id)
+        policies = {d: load_lrs(embedder, d, verifier) for d in LRS_DELTAS}
+        if policies[LRS_DELTAS[0]] is None:
+            out[label] = {"embedder": embedder.id, "error": "the package ships no learned policy for this embedder"}
+            continue
+        taus = {str(d): policies[d].threshold for d in LRS_DELTAS}
+        res: dict[str, Any] = {"embedder": embedder.id, "policy": policies[LRS_DELTAS[0]].version, "taus": taus,
+                               "reward_tau": policies[LRS_DELTAS[0]].calibration.get("reward_threshold"),
+                               "pawsx": {}, "xquad_across": {}}
+        cache = common.EmbeddingCache(embedder)
+        for lang in PAWS_LANGS:
+            rows = _read_jsonl(data / "pairs" / f"paws-x-dev-{lang}.jsonl")
+            rows = random.Random(seed).sample(rows, min(pawsx_pairs, len(rows)))
+            test = _from_pairs(f"paws-x-{lang}-test", "", split_by_component(rows, seed)[1], seed)
+            test.emb = cache.get(test.texts, progress=f"{label} {lang} test")
+            lr = LrsReplay(policies[LRS_DELTAS[0]], test.emb, pair_scorer(test, verifier),
+                           languages=[language_tag(t) for t in test.texts])
+            same = lambda i, j, w=test: "paraphrase" if w.cluster[i] == w.cluster[j] else "other"  # noqa: E731
+            res["pawsx"][lang] = {"test_positives": int(test.positives_mask().sum()),
+                                  **{key: mix(lr, test, tau, same) for key, tau in
+                                     [*taus.items(), ("reward", res["reward_tau"])] if tau is not None and tau <= 1.0}}
+            print(f"[{label} LRS] paws-x {lang}: " + ", ".join(f"{k}: hit {v['hit_rate']:.3f} FHR {v['fhr']:.3f}"
+                                                              for k, v in res["pawsx"][lang].items() if isinstance(v, dict)),
+                  file=sys.stderr, flush=True)
+        across, _ = xquad_workloads(_read_jsonl(data / "qa" / "xquad-parallel-dev.jsonl"), seed)
+        across.emb = cache.get(across.texts, progress=f"{label} xquad")
+        tags = [language_tag(t) for t in across.texts]
+        lr = LrsReplay(policies[LRS_DELTAS[0]], across.emb, pair_scorer(across, verifier), languages=tags)
+
+        def relation(i: int, j: int, w: Workload = across) -> str:
+            other = "another language" if tags_differ(tags[i], tags[j]) else "the same language"
+            return ("same question, " if w.cluster[i] == w.cluster[j] else "another question, ") + other
+
+        for key, tau in [("0.02", taus["0.02"]), ("reward", res["reward_tau"])]:  # the default δ and the most serving
+            if tau is not None:
+                res["xquad_across"][key] = mix(lr, across, min(tau, 1.01), relation)
+        print(f"[{label} LRS] xquad across: {res['xquad_across']}", file=sys.stderr, flush=True)
+        out[label] = res
+    return out
+
+
+def lrs_markdown(results: dict[str, Any], command: str, seconds: float) -> str:
+    L = [f"The learned policy each embedder ships with, on real multilingual streams (`{command}`, {seconds / 60:.0f} "
+         "min): its hits verified by the learned policy's verifier with that embedder's calibration block, the "
+         "scores and the language of each hit as features, A at the actor's own calibrated P(A) threshold for δ "
+         "(a δ without a threshold serves nothing), else the likelier of B and C; \"reward τ\" is the threshold "
+         "that maximised the simulator's reward (no bound).\n"]
+    for label, res in results.items():
+        if "error" in res:
+            L.append(f"- {label} (`{res['embedder']}`): {res['error']}.")
+    L.append("PAWS-X test halves (the same split as the threshold tables at the end of this page): hit rate = share of paraphrase requests "
+             "answered from the cache; FHR = wrong share of the cache's answers; then what the actor did with "
+             "requests whose Eq. 4 entry was a labelled paraphrase, at the reward τ (A / C / B).\n")
+    L.append("| embedder (policy) | language | paraphrase requests | δ = 2 %: hit / FHR | δ = 10 %: hit / FHR "
+             "| reward τ: hit / FHR | paraphrase entry at reward τ: A / C / B |")
+    L.append("|---|---|---:|---:|---:|---:|---:|")
+
+    def pt(v: dict | None) -> str:
+        if v is None or v["hits"] == 0:
+            return "serves nothing"
+        return f"{100 * v['hit_rate']:.1f} % / {100 * v['fhr']:.1f} %"
+
+    for label, res in results.items():
+        if "error" in res:
+            continue
+        for lang, r in res["pawsx"].items():
+            para = (r.get("reward") or {}).get("actions", {}).get("paraphrase", {"A": 0, "B": 0, "C": 0})
+            L.append(f"| {label} (`{res['policy']}`) | {lang} | {r['test_positives']} | {pt(r.get('0.02'))} | "
+                     f"{pt(r.get('0.1'))} | {pt(r.get('reward'))} | {para['A']} / {para['C']} / {para['B']} |")
+    L.append("\nXQuAD across languages (890 questions × 5 languages, one cluster per question): what the actor did, "
+             "by the relation of the Eq. 4 entry to the request. The oracle's move for \"same question, another "
+             "language\" is C (the cached Q&A grounds an answer in the user's language), for the rest B.\n")
+    L.append("| embedder (policy) | A-threshold | Eq. 4 entry | requests | A | C | B |")
+    L.append("|---|---|---|---:|---:|---:|---:|")
+    for label, res in results.items():
+        if "error" in res:
+            continue
+        for key, r in res["xquad_across"].items():
+            name = "reward τ" if key == "reward" else f"δ = {float(key) * 100:g} %"
+            for rel in sorted(r["actions"]):
+                c = r["actions"][rel]
+                n = sum(c.values())
+                L.append(f"| {label} (`{res['policy']}`) | {name} | {rel} | {n} | {100 * c['A'] / n:.1f} % | "
+                         f"{100 * c['C'] / n:.1f} % | {100 * c['B'] / n:.1f} % |")
     return "\n".join(L)
 
 
@@ -446,6 +582,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verifier-only", action="store_true", help="only the English verifier per language")
     ap.add_argument("--verified", action="store_true",
                     help="only the verified policy per language (the default verifier, calibrated per language)")
+    ap.add_argument("--lrs", action="store_true",
+                    help="only the learned policy shipped for each embedder, per language and across languages")
     a = ap.parse_args(argv)
     if a.data_dir is not None:
         import os
@@ -469,7 +607,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     embedders = {"MiniLM": OnnxEmbedder(Settings().embedder_dir, threads=a.threads),
                  "e5": OnnxEmbedder(e5_dir, threads=a.threads)}
-    if a.verified:
+    if a.lrs:
+        command = "python benchmarks/multilingual_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        results = lrs_by_language(embedders, data, a.pawsx_pairs, a.seed, a.threads)
+        body, section = lrs_markdown(results, command.strip(), time.time() - t0), "multilingual-lrs"
+    elif a.verified:
         command = "python benchmarks/multilingual_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
         results: Any = verified_by_language(embedders, data, a.seed, a.threads)
         body, section = verified_markdown(results, command.strip(), time.time() - t0), "multilingual-verified"

@@ -649,12 +649,15 @@ def load_lrs(embedder: Any, delta: float, verifier: Any = None, path: Path | Non
     """The shipped LRS actor (or the exported actor at ``path``: a DLRS export, a retrained one) at bound
     ``delta``, its hits verified as in the proxy (the scores are features) but without the verifier's veto:
     these rows measure the actor's own calibrated decision."""
-    from velo_proxy.policy import LearnedPolicy, default_policy_path
+    from velo_proxy.policy import LearnedPolicy, PolicyMismatch, default_policy_path
 
     if path is None:
-        path = default_policy_path()
+        try:
+            path = default_policy_path(embedder.id)  # the one shipped for this embedder
+        except PolicyMismatch:
+            return None  # none shipped for it: its rows are left out
         if not path.exists():
-            return None  # no shipped policy: its rows are left out
+            return None
     rule = verifier.rule(delta) if verifier is not None else None
     return LearnedPolicy(path, embedder_id=embedder.id, dim=embedder.dim, max_false_hit_rate=delta,
                          verify_rule=rule, veto=False)
@@ -703,17 +706,19 @@ def held_back(args: argparse.Namespace) -> set[str]:
     return verifier_texts()
 
 
-def load_verifier(args: argparse.Namespace, *, learned: bool = False) -> Any | None:
-    """The exported pair verifier the proxy serves with (``velo-proxy models export``; ``learned``: the one
-    ``VELO_POLICY=learned`` loads), or None (its rows are left out)."""
-    if not args.verifier:
+def load_verifier(args: argparse.Namespace, *, embedder_id: str, learned: bool = False) -> Any | None:
+    """The exported pair verifier the proxy serves with (``velo-proxy models export``), with its calibration
+    block for ``embedder_id``'s vectors, or None (its rows are left out: ``--no-verifier``). ``learned``: the
+    one ``VELO_POLICY=learned`` loads, whose scores are the LRS actor's hit features: loaded whatever
+    ``--no-verifier`` says, since without them the actor sees no verified hit and serves nothing."""
+    if not (args.verifier or learned):
         return None
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier, VerifierUnavailable
 
     settings = Settings(policy="learned") if learned else Settings()
     try:
-        return PairVerifier(settings.verifier_dir, threads=args.threads)
+        return PairVerifier(settings.verifier_dir, threads=args.threads, embedder_id=embedder_id)
     except VerifierUnavailable as exc:
         print(f"pair verifier not measured: {exc}", file=sys.stderr)
         return None
@@ -772,9 +777,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                # row of them, so the smoke run leaves out the tiny spec's training texts
                                exclude=training_texts(DataSpec.tiny() if args.tiny else None) | held_back(args))
     embed_workloads(workloads, cache)
-    verifier = load_verifier(args)
+    verifier = load_verifier(args, embedder_id=embedder.id)
     # LRS reads the scores of the verifier it was trained with (VELO_POLICY=learned's default, today the default one)
-    lrs_verifier = load_verifier(args, learned=True)
+    lrs_verifier = load_verifier(args, embedder_id=embedder.id, learned=True) if args.lrs else None
     lrs = {d: load_lrs(embedder, d, lrs_verifier, args.policy_file) if args.lrs else None for d in LEARNED_DELTAS}
     lrs_ok = lrs[DELTAS[0]] is not None
     gpt_err = None if args.gptcache else "disabled (--no-gptcache)"

@@ -143,10 +143,42 @@ def load_embedder(threads: int = 2):
     return OnnxEmbedder(Settings().embedder_dir, threads=threads)
 
 
+#: The embedder in whose space the simulator judges answers (Eq. 2's e(.)), whatever embedder the proxy
+#: searches with: rewards of policies trained for different embedders are then one scale, and the QoS
+#: constants measured in it (``QoSConfig.translation_distance``, the LLM answer distance) stay true.
+#: multilingual-e5-small compresses distances (unrelated texts at ~0.74 cosine), which would shrink every
+#: quality difference next to the delay term and make serving wrong answers cheaper.
+ANSWER_JUDGE_NAME = "all-MiniLM-L6-v2"
+
+
+def answer_judge_dir() -> Path:
+    """The judge's exported model: beside the configured embedder's directory (the image's
+    /opt/velo/models/<name> layout), else under the data home (``velo-proxy models export``)."""
+    from velo_proxy.settings import Settings, default_home
+
+    beside = Settings().embedder_dir.parent / ANSWER_JUDGE_NAME
+    return beside if (beside / "model.onnx").exists() else default_home() / "models" / ANSWER_JUDGE_NAME
+
+
+def load_answer_judge(embedder=None, threads: int = 2):
+    """The answer judge; ``embedder`` itself when it is the judge already (MiniLM fp32)."""
+    from velo_proxy.embedder import OnnxEmbedder
+
+    judge_dir = answer_judge_dir()
+    if embedder is not None and Path(getattr(embedder, "model_dir", "")).resolve() == judge_dir.resolve():
+        return embedder
+    if not (judge_dir / "model.onnx").exists():
+        raise FileNotFoundError(f"the simulator's answer judge {ANSWER_JUDGE_NAME} is not exported at {judge_dir}: "
+                                f"run 'velo-proxy models export' (it is the default embedder)")
+    return OnnxEmbedder(judge_dir, threads=threads)
+
+
 def embed_texts(texts: Sequence[str], embedder=None, *, cache: EmbeddingCache | None = None,
                 progress: bool = True) -> tuple[np.ndarray, str]:
     """Embeddings [n, D] of ``texts`` (cached on disk) and the embedder id."""
     embedder = embedder or load_embedder()
+    if not texts:
+        return np.zeros((0, embedder.dim), dtype=np.float32), embedder.id
     cache = cache or EmbeddingCache()
     uniq = list(dict.fromkeys(texts))
     have = cache.get_many(embedder.id, uniq)
@@ -213,18 +245,19 @@ class DataSpec:
 class Dataset:
     """Requests, clusters and answers, as arrays. Index conventions in the field comments."""
 
-    embedder_id: str
+    embedder_id: str  # the serving embedder: q_emb's space
     q_emb: np.ndarray  # [Nq, D] request embeddings
     q_cluster: np.ndarray  # [Nq] cluster of each request text
     q_text: list[str]
     c_source: np.ndarray  # [Nc] index into SOURCES
     c_group: np.ndarray  # [Nc] group id (near-miss partners share one)
     c_split: np.ndarray  # [Nc] index into SPLITS
-    c_ref: np.ndarray  # [Nc, D] reference answer embedding
+    c_ref: np.ndarray  # [Nc, D] reference answer embedding (the answer judge's space)
     c_members: list[np.ndarray]  # per cluster: request indices
     c_answers: list[np.ndarray]  # per cluster: rows of a_emb that are real alternative (LLM) answers
-    a_emb: np.ndarray  # [Na, D] alternative answers
+    a_emb: np.ndarray  # [Na, D] alternative answers (the answer judge's space)
     llm_distance: float  # median L2 distance of an oasst1 reply to its prompt's consensus, measured
+    answer_judge_id: str = ""  # the embedder of c_ref and a_emb (ANSWER_JUDGE_NAME's id; "" = embedder_id)
     meta: dict = field(default_factory=dict)
     pair_scores: Any = None  # policy.pair_scores.PairScores: the verifier's scores (None: no hit is verified)
 
@@ -459,10 +492,11 @@ def collect_for(spec: DataSpec) -> tuple[dict, str]:
     return collect_texts(spec), f"datasets directory {root}"
 
 
-def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool = True,
+def build_dataset(spec: DataSpec | None = None, embedder=None, *, answer_judge=None, progress: bool = True,
                   collected: dict | None = None) -> Dataset:
     """Collect texts (or take ``collected``, ``collect_texts``' output), embed them (disk-cached) and
-    assemble the arrays."""
+    assemble the arrays. Requests are embedded by ``embedder`` (default: the configured one), answers by
+    ``answer_judge`` (default: ``load_answer_judge``)."""
     spec = spec or DataSpec()
     col = collected if collected is not None else collect_texts(spec)
     clusters = col["clusters"]
@@ -470,15 +504,18 @@ def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool
     ref_text = [c["ref"] for c in clusters
                 if c["ref"] not in (None, CONSENSUS) and c["source"] not in SHORT_ANSWER_SOURCES]
     ans_text = [a for c in clusters for a in c["answers"]]
-    all_text = q_text + ref_text + ans_text
-    emb, emb_id = embed_texts(all_text, embedder, progress=progress)
-    nq, nr = len(q_text), len(ref_text)
-    q_emb, r_emb, a_emb = emb[:nq], emb[nq : nq + nr], emb[nq + nr :]
-    dim = emb.shape[1]
+    embedder = embedder or load_embedder()
+    q_emb, emb_id = embed_texts(q_text, embedder, progress=progress)
+    # answers in the judge's space (``ANSWER_JUDGE_NAME``), requests in the serving embedder's
+    answer_judge = load_answer_judge(embedder) if answer_judge is None else answer_judge
+    ra_emb, judge_id = embed_texts(ref_text + ans_text, answer_judge, progress=progress)
+    nr = len(ref_text)
+    r_emb, a_emb = ra_emb[:nr], ra_emb[nr:]
+    dim = ra_emb.shape[1]
 
     rng = np.random.default_rng(spec.seed + 1)  # QQP answer identities
     c_ref = np.zeros((len(clusters), dim), dtype=np.float32)
-    q_cluster = np.zeros(nq, dtype=np.int64)
+    q_cluster = np.zeros(len(q_text), dtype=np.int64)
     c_members, c_answers = [], []
     qi = ri = ai = 0
     group_ids: dict[str, int] = {}
@@ -508,6 +545,7 @@ def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool
     llm_distance = float(np.median(dists)) if dists else 0.8
     return Dataset(
         embedder_id=emb_id,
+        answer_judge_id=judge_id,
         q_emb=q_emb,
         q_cluster=q_cluster,
         q_text=q_text,
@@ -519,7 +557,7 @@ def build_dataset(spec: DataSpec | None = None, embedder=None, *, progress: bool
         c_answers=c_answers,
         a_emb=a_emb if len(a_emb) else np.zeros((0, dim), dtype=np.float32),
         llm_distance=llm_distance,
-        meta={"spec": spec.__dict__, "n_texts": len(all_text)},
+        meta={"spec": spec.__dict__, "n_texts": len(q_text) + len(ref_text) + len(ans_text)},
     )
 
 
@@ -559,7 +597,7 @@ def translation_distance(embedder=None) -> dict[str, float]:
     """Median chord distance of an XQuAD answer in English to its translation, per language and over all
     (the simulator's ``QoSConfig.translation_distance``), next to two unrelated English answers'."""
     rows = _read_jsonl(_require(data_dir() / "qa" / "xquad-parallel-dev.jsonl"))
-    embedder = embedder or load_embedder()
+    embedder = embedder or load_answer_judge()
     vec = {lang: embed_texts([r[f"answer_{lang}"] for r in rows], embedder, progress=False)[0] for lang in XQUAD_LANGS}
     out = {lang: float(np.median(np.linalg.norm(vec["en"] - vec[lang], axis=1))) for lang in XQUAD_LANGS[1:]}
     out["all"] = float(np.median(np.concatenate([np.linalg.norm(vec["en"] - vec[lang], axis=1) for lang in XQUAD_LANGS[1:]])))

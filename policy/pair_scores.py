@@ -85,16 +85,18 @@ class PairScores:
 
 
 def load_scorer(verifier_key: str | None = None, verifier_dir: Path | None = None, *,
-                progress: bool = False) -> tuple[Scorer, VerifyRule, str]:
+                embedder_id: str | None = None, progress: bool = False) -> tuple[Scorer, VerifyRule, str]:
     """The installed verifier's bulk scorer (``velo-proxy models export`` puts it in place), disk-cached
-    (``ScoreCache``), with its serving rule and its key; ``verifier_key``: refuse another verifier."""
+    (``ScoreCache``), with its serving rule for ``embedder_id``'s vectors (the verifier's calibration block
+    of that embedder: its cosine floor, as the proxy uses it) and its key; ``verifier_key``: refuse
+    another verifier."""
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier
 
     from .verifier_calibrate import ScoreCache
 
     # the simulator trains the learned policy: its hit features are the scores of the verifier it is served with
-    verifier = PairVerifier(verifier_dir or Settings(policy="learned").verifier_dir, threads=2)
+    verifier = PairVerifier(verifier_dir or Settings(policy="learned").verifier_dir, threads=2, embedder_id=embedder_id)
     cache = ScoreCache()
     key = cache.model_key(verifier)
     if verifier_key is not None and key != verifier_key:
@@ -136,7 +138,7 @@ def attach_installed_verifier(data: Dataset, *, verifier_dir: Path | None = None
                               progress: bool = True) -> PairScores:
     """Score ``data`` with the installed verifier (its own cosine floor and top_k) and attach the table
     as ``data.pair_scores``: from then on the simulator's observations carry verifier scores."""
-    scorer, rule, key = load_scorer(verifier_dir=verifier_dir, progress=progress)
+    scorer, rule, key = load_scorer(verifier_dir=verifier_dir, embedder_id=data.embedder_id, progress=progress)
     data.pair_scores = build_pair_scores(data, rule=rule, scorer=scorer, verifier_key=key,
                                          pools=pools)
     return data.pair_scores

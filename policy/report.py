@@ -1,4 +1,5 @@
-"""docs/policy-results.md and docs/img/policy-*.png from a reproduce run."""
+"""docs/policy-results.md (another embedder's policy: docs/policy-results-<embedder>.md) and docs/img/policy-*.png
+from a reproduce run."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _plots(repo: Path, run: Path, results, names_by_w) -> list[str]:
+def _plots(repo: Path, run: Path, results, names_by_w, *, prefix: str = "policy") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,9 +53,9 @@ def _plots(repo: Path, run: Path, results, names_by_w) -> list[str]:
         axes[1, j].set_xlabel("agent decisions")
         axes[0, j].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(img / "policy-training-curves.png", dpi=90)
+    fig.savefig(img / f"{prefix}-training-curves.png", dpi=90)
     plt.close(fig)
-    files.append("img/policy-training-curves.png")
+    files.append(f"img/{prefix}-training-curves.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for j, mode in enumerate(MODES):
@@ -68,9 +69,9 @@ def _plots(repo: Path, run: Path, results, names_by_w) -> list[str]:
         axes[j].set_xticks(EDGES)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
-    fig.savefig(img / "policy-edges.png", dpi=90)
+    fig.savefig(img / f"{prefix}-edges.png", dpi=90)
     plt.close(fig)
-    files.append("img/policy-edges.png")
+    files.append(f"img/{prefix}-edges.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for j, w in enumerate(WS):
@@ -84,23 +85,34 @@ def _plots(repo: Path, run: Path, results, names_by_w) -> list[str]:
         axes[j].set_xlim(lo - 0.05 * abs(lo), max(vals) + 0.05 * abs(lo))
         axes[j].set_title(f"w = {w:g}, N = 3, nearest: test reward")
     fig.tight_layout()
-    fig.savefig(img / "policy-reward.png", dpi=90)
+    fig.savefig(img / f"{prefix}-reward.png", dpi=90)
     plt.close(fig)
-    files.append("img/policy-reward.png")
+    files.append(f"img/{prefix}-reward.png")
     return files
 
 
+def report_names(stem: str) -> tuple[str, str]:
+    """(document under docs/, plot prefix under docs/img/) of the shipped policy ``stem``: the default
+    embedder's policy writes docs/policy-results.md, another embedder's its own page beside it."""
+    if stem == "lrs-default":
+        return "policy-results.md", "policy"
+    name = stem.removeprefix("lrs-")
+    return f"policy-results-{name}.md", f"policy-{name}"
+
+
 def write_report(repo: Path, run: Path, data, results, thresholds, calibrations, cal_rows, sens, meta, parity_diff, *,
-                 t_train: float, t_total: float, updates: int, eval_steps: int) -> None:
+                 t_train: float, t_total: float, updates: int, eval_steps: int, stem: str = "lrs-default",
+                 command: str = "python -m policy.reproduce") -> None:
+    doc_name, prefix = report_names(stem)
     names_by_w = {}
     for k in results:
         names_by_w.setdefault(k[0], [])
         if k[3] not in names_by_w[k[0]]:
             names_by_w[k[0]].append(k[3])
-    files = _plots(repo, run, results, names_by_w)
+    files = _plots(repo, run, results, names_by_w, prefix=prefix)
     L = []
     L.append("# Policy results (simulator, test split)\n")
-    L.append("Written by `python -m policy.reproduce` — do not edit by hand. Design, QoS model and readings of the "
+    L.append(f"Written by `{command}` — do not edit by hand. Design, QoS model and readings of the "
              "paper's equations: [policy.md](policy.md).\n")
     L.append(f"- Data: {data.q_emb.shape[0]} request texts in {len(data.c_members)} clusters (QQP duplicate clusters with "
              f"near misses, XQuAD x5 languages, oasst1, NQ-open), split by cluster group; embedder `{data.embedder_id}`; "
@@ -188,18 +200,18 @@ def write_report(repo: Path, run: Path, data, results, thresholds, calibrations,
         L.append(f"| {label} | {row['LRS']:.3f} | {row['LRS (δ=0.02)']:.3f} | {b[1]} | {b[0]:.3f} | {row['Oracle']:.3f} |")
     L.append("")
     L.append("## Shipped policy\n")
-    L.append(f"`velo_proxy/policies/lrs-default.onnx` (LRS, w = 0.1), policy version `{meta['velo_policy_version']}`, "
+    L.append(f"`velo_proxy/policies/{stem}.onnx` (LRS, w = 0.1), policy version `{meta['velo_policy_version']}`, "
              f"feature version {meta['velo_feature_version']}, D = {meta['velo_dim']}, P = {meta['velo_top_p']}, "
              f"K = {meta['velo_k']}; torch vs onnxruntime max abs diff {parity_diff:.1e}. Calibration thresholds on P(A): "
              f"`{json.dumps(json.loads(meta['velo_calibration'])['thresholds'])}`, reward threshold "
              f"{json.loads(meta['velo_calibration'])['reward_threshold']}; the validation table behind them is in "
-             f"`velo_proxy/policies/lrs-default.json`.\n")
+             f"`velo_proxy/policies/{stem}.json`.\n")
     L.append("## Plots\n")
     for f in files:
         L.append(f"![{f}]({f})\n")
     from .reproduce_dlrs import existing_section, replace_section
 
-    doc = repo / "docs" / "policy-results.md"
+    doc = repo / "docs" / doc_name
     kept = existing_section(doc)  # the DLRS stage's section is its own; a rewrite of the rest keeps it
     doc.write_text("\n".join(L) + "\n")
     if kept is not None:
@@ -214,6 +226,8 @@ def main(argv=None) -> None:
     import pickle
 
     from .data import DataSpec, cache_dir
+    from velo_proxy.policy import shipped_policy_stem
+
     from .reproduce import REPO, _dataset
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -222,12 +236,14 @@ def main(argv=None) -> None:
     with open(a.run / "results.pkl", "rb") as f:
         r = pickle.load(f)
     data, _ = _dataset(DataSpec(), a.run.parent)
-    side = json.loads((REPO / "velo_proxy" / "policies" / "lrs-default.json").read_text())
+    stem = shipped_policy_stem(data.embedder_id)
+    side = json.loads((REPO / "velo_proxy" / "policies" / f"{stem}.json").read_text())
     meta = {k: v for k, v in side.items() if k.startswith("velo_")}
     meta["velo_calibration"] = json.dumps(side["velo_calibration"], sort_keys=True)
     write_report(REPO, a.run, data, r["results"], r["thresholds"], r["calibrations"], r["cal_rows"], r["sens"], meta,
                  side["parity_max_abs_diff"], t_train=r.get("t_train", 0.0), t_total=r.get("t_total", 0.0),
-                 updates=r.get("updates", 80), eval_steps=r.get("eval_steps", 500))
+                 updates=r.get("updates", 80), eval_steps=r.get("eval_steps", 500), stem=stem,
+                 command=side.get("training_command", "python -m policy.reproduce"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ calibrate LRS, evaluate everything on the test split, export the shipped policy,
     python -m policy.reproduce --data-dir DIR  # datasets elsewhere (env VELO_DATASETS_DIR; default ../shared/data)
     python -m policy.reproduce --dlrs          # only the DLRS stage (policy/reproduce_dlrs.py): DLRS and its
                                                #  variants beside LRS at w = 0.1; a full run ends with it
+    VELO_EMBEDDER=multilingual-e5-small python -m policy.reproduce --no-dlrs
+                                               # the multilingual embedder's policy (docs/policy-results-
+                                               #  multilingual-e5-small.md, velo_proxy/policies/lrs-multilingual-
+                                               #  e5-small.*); answers are judged in MiniLM's space either way
 
 Training is per w (w in {0.01, 0.1, 1}); learned policies are trained with N = 3 agents in the nearest
 edge mode and evaluated, unchanged, for N = 2..5 in both modes (the actor is decentralised; only the
@@ -35,7 +39,8 @@ EDGES = (2, 3, 4, 5)
 MODES = ("nearest", "all")
 LEARNED = ("lrs", "t-mappo", "g-mappo", "mappo")
 LABEL = {"lrs": "LRS", "t-mappo": "T-MAPPO", "g-mappo": "G-MAPPO", "mappo": "MAPPO"}
-POLICY_VERSION = "lrs-default-6"
+#: The version each shipped policy (velo_proxy.policy.SHIPPED_POLICIES' stems) is exported under; bump on retraining.
+POLICY_VERSIONS = {"lrs-default": "lrs-default-6", "lrs-multilingual-e5-small": "lrs-multilingual-e5-small-1"}
 SEEDS = tuple(range(2024, 2034))  # ten test streams: the paired comparison needs a standard error
 #: Validation streams on which the static threshold and LRS's serving thresholds are chosen: as many as
 #: the test has, since the gain of serving semantic hits at w = 0.1 is about one stream's noise.
@@ -43,17 +48,19 @@ CAL_SEEDS = tuple(range(777, 787))
 
 
 def _dataset(spec, out: Path):
-    from .data import DATA_VERSION, build_dataset, data_dir
+    from .data import ANSWER_JUDGE_NAME, DATA_VERSION, build_dataset, data_dir, load_embedder
 
-    # the directory is part of the key: the same spec on tests/data slices is another dataset
-    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), str(data_dir().resolve())],
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    # the directory is part of the key (the same spec on tests/data slices is another dataset), and so is
+    # the embedder (VELO_EMBEDDER: another embedder's vectors are another dataset)
+    embedder = load_embedder()
+    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), str(data_dir().resolve()), embedder.id,
+                                     ANSWER_JUDGE_NAME], sort_keys=True).encode()).hexdigest()[:12]
     path = out / f"dataset-{key}.pkl"
     if path.exists():
         with open(path, "rb") as f:
             data = pickle.load(f)
     else:
-        data = build_dataset(spec)
+        data = build_dataset(spec, embedder)
         with open(path, "wb") as f:
             pickle.dump(data, f)
     # the installed verifier's scores of the hits it would verify (hit features; disk-cached per pair)
@@ -140,12 +147,16 @@ def _eval_job(args):
 
 
 def _dlrs_stage(data, data_path, out, tkw, eval_steps, jobs, *, train, ship, say) -> None:
+    from velo_proxy.policy import shipped_policy_stem
+
+    from .report import report_names
     from .reproduce_dlrs import plot, replace_section, run_stage, section
 
     res = run_stage(data=data, data_path=data_path, out=out, tkw=tkw, eval_steps=eval_steps, jobs=jobs,
                     train=train, say=say)
-    doc = (REPO / "docs" / "policy-results.md") if ship else out / "policy-results-dlrs.md"
-    plot(out, (REPO / "docs" / "img" / "policy-dlrs.png") if ship else out / "policy-dlrs.png")
+    doc_name, prefix = report_names(shipped_policy_stem(data.embedder_id))
+    doc = (REPO / "docs" / doc_name) if ship else out / "policy-results-dlrs.md"
+    plot(out, (REPO / "docs" / "img" / f"{prefix}-dlrs.png") if ship else out / "policy-dlrs.png")
     replace_section(doc, section(res, run=out))
     say(f"dlrs stage: wrote {doc} in {res['t_total'] / 60:.1f} min")
 
@@ -160,7 +171,8 @@ def main(argv=None) -> None:
     ap.add_argument("--updates", type=int, default=None, help="PPO updates per training run")
     ap.add_argument("--eval-steps", type=int, default=None, help="test steps per evaluation")
     ap.add_argument("--jobs", type=int, default=2, help="training processes in parallel (1 torch thread each)")
-    ap.add_argument("--out", type=Path, default=None, help="run directory (default ~/.cache/velo-proxy/sim/runs/...)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="run directory (default ~/.cache/velo-proxy/sim/runs/full, full-<VELO_EMBEDDER> for another embedder)")
     ap.add_argument("--skip-train", action="store_true", help="reuse checkpoints in --out")
     ap.add_argument("--no-ship", action="store_true", help="do not write velo_proxy/policies or docs")
     ap.add_argument("--data-dir", type=Path, default=None,
@@ -187,6 +199,9 @@ def main(argv=None) -> None:
     from .evaluate import evaluate_seeds
     from .export import export_onnx, parity
     from .sim import SimConfig
+    from velo_proxy.policy import shipped_policy_stem
+
+    from .report import report_names
     from .train import load_actor, verifier_sha256_of
 
     torch.set_num_threads(1)
@@ -195,7 +210,11 @@ def main(argv=None) -> None:
     spec = DataSpec.tiny() if quick else DataSpec()
     updates = a.updates or (8 if quick else 80)
     eval_steps = a.eval_steps or (150 if quick else 500)
-    out = a.out or cache_dir() / "runs" / ("quick" if quick else "full")
+    from velo_proxy.settings import DEFAULT_EMBEDDER_NAME, Settings
+
+    embedder_name = Settings().embedder  # another embedder's run keeps its own checkpoints
+    run_name = ("quick" if quick else "full") + ("" if embedder_name == DEFAULT_EMBEDDER_NAME else f"-{embedder_name}")
+    out = a.out or cache_dir() / "runs" / run_name
     out.mkdir(parents=True, exist_ok=True)
     ship = not (quick or a.no_ship)
     log = open(out / "reproduce.log", "a")
@@ -294,11 +313,14 @@ def main(argv=None) -> None:
 
     # ---- export the shipped policy ----
     parity_diff = None
-    onnx_path = (REPO / "velo_proxy" / "policies" / "lrs-default.onnx") if ship else out / "lrs-w0.1.onnx"
+    stem = shipped_policy_stem(data.embedder_id)  # one shipped policy per embedder
+    onnx_path = (REPO / "velo_proxy" / "policies" / f"{stem}.onnx") if ship else out / "lrs-w0.1.onnx"
     actor = actors[("lrs", 0.1)]
-    command = "python -m policy.reproduce" + (" --quick" if quick else "")
+    embedder_env = os.environ.get("VELO_EMBEDDER")
+    command = ((f"VELO_EMBEDDER={embedder_env} " if embedder_env else "") + "python -m policy.reproduce"
+               + (" --quick" if quick else ""))
     meta = export_onnx(actor, onnx_path, dim=data.dim, top_p=base.top_p, embedder_id=data.embedder_id,
-                       policy_version=POLICY_VERSION, calibration=calibrations[0.1],
+                       policy_version=POLICY_VERSIONS[stem], calibration=calibrations[0.1],
                        verifier_sha256=verifier_sha256_of(data),
                        extra={"velo_training_command": command, "velo_w": str(0.1)})
     parity_diff = parity(actor, onnx_path, dim=data.dim, top_p=base.top_p)
@@ -324,8 +346,8 @@ def main(argv=None) -> None:
         from .report import write_report
 
         write_report(REPO, out, data, results, thresholds, calibrations, cal_rows, sens, meta, parity_diff,
-                     t_train=t_train, t_total=total, updates=updates, eval_steps=eval_steps)
-        say("wrote docs/policy-results.md and docs/img/policy-*.png")
+                     t_train=t_train, t_total=total, updates=updates, eval_steps=eval_steps, stem=stem, command=command)
+        say(f"wrote docs/{report_names(stem)[0]} and its plots")
     if not a.no_dlrs:  # reuses lrs-w0.1.pt from above; trains the diffusion actors unless --skip-train finds them
         from .reproduce_dlrs import DIFFUSION
 

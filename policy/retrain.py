@@ -53,7 +53,10 @@ import torch
 from velo_proxy import features as F
 from velo_proxy.experience import decode_observation, read_all_streams
 from velo_proxy.calibration import calibration_record, serve_threshold
-from velo_proxy.policy import default_policy_path
+from velo_proxy.policy import PolicyMismatch, default_policy_path
+
+#: The embedder whose shipped policy is the default start (all-MiniLM-L6-v2).
+SHIPPED_DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 from velo_proxy.policy_dir import PolicyDirectory
 
 from .baselines import GreedyLLM, NeuralPolicy
@@ -190,13 +193,22 @@ def snips_value(actor: torch.nn.Module, logged: Logged, tau: float) -> float:
     return float((weight * logged.reward).sum() / weight.sum()) if weight.sum() > 0 else float("nan")
 
 
-def current_checkpoint(directory: PolicyDirectory) -> tuple[Path, str]:
-    """Where fine-tuning starts: the published version's checkpoint, else the shipped policy's."""
+def current_checkpoint(directory: PolicyDirectory, embedder_id: str = SHIPPED_DEFAULT_EMBEDDER) -> tuple[Path, str]:
+    """Where fine-tuning starts: the published version's checkpoint, else the shipped policy's for
+    ``embedder_id`` (``PolicyMismatch`` when the package ships none for it)."""
     published = directory.checkpoint()
     if published is not None:
         return published
-    shipped = default_policy_path().with_suffix(".pt")
-    return shipped, "lrs-default"
+    shipped = default_policy_path(embedder_id).with_suffix(".pt")
+    return shipped, shipped.stem
+
+
+def configured_embedder_id() -> str:
+    """The id of the embedder the proxy is configured with (VELO_EMBEDDER / VELO_EMBEDDER_DIR)."""
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings
+
+    return OnnxEmbedder(Settings().embedder_dir).id
 
 
 class RetrainInputError(RuntimeError):
@@ -210,7 +222,7 @@ def preflight(cfg: RetrainConfig) -> dict:
 
     from velo_proxy.settings import Settings
 
-    from .data import DatasetsMissing, cache_dir, collect_for
+    from .data import DatasetsMissing, answer_judge_dir, cache_dir, collect_for
 
     inputs: dict = {}
     try:
@@ -226,16 +238,24 @@ def preflight(cfg: RetrainConfig) -> dict:
     except OSError as exc:
         raise RetrainInputError(f"policy directory {root} (--policy-dir / VELO_POLICY_DIR) is not writable: {exc}") from exc
     inputs["policy_dir"] = str(root)
-    checkpoint, version = current_checkpoint(PolicyDirectory(root))
-    if not checkpoint.is_file():
-        raise RetrainInputError(f"no checkpoint to start from: {checkpoint} is missing (the package's default policy)")
-    inputs["checkpoint"] = {"path": str(checkpoint), "version": version}
     embedder_dir = Settings().embedder_dir
     missing = [name for name in ("model.onnx", "tokenizer.json") if not (embedder_dir / name).is_file()]
     if missing:
         raise RetrainInputError(f"embedder {embedder_dir} (VELO_EMBEDDER_DIR) lacks {', '.join(missing)}: run "
                                 "`velo-proxy models export`, or use the image's train target, which carries it")
     inputs["embedder_dir"] = str(embedder_dir)
+    judge_dir = answer_judge_dir()  # the simulator judges answers in all-MiniLM-L6-v2's space, whatever the embedder
+    if not (judge_dir / "model.onnx").is_file():
+        raise RetrainInputError(f"the simulator's answer judge {judge_dir} lacks model.onnx: run `velo-proxy models "
+                                "export` (the default embedder), or use the image's train target, which carries it")
+    inputs["answer_judge_dir"] = str(judge_dir)
+    try:
+        checkpoint, version = current_checkpoint(PolicyDirectory(root), configured_embedder_id())
+    except PolicyMismatch as exc:
+        raise RetrainInputError(f"no checkpoint to start from: {exc}") from None
+    if not checkpoint.is_file():
+        raise RetrainInputError(f"no checkpoint to start from: {checkpoint} is missing (the package's default policy)")
+    inputs["checkpoint"] = {"path": str(checkpoint), "version": version}
     verifier_dir = Settings(policy="learned").verifier_dir  # the learned policy's features are its verifier's scores
     missing = [name for name in ("model.onnx", "tokenizer.json", "velo_verifier.json") if not (verifier_dir / name).is_file()]
     if missing:
@@ -261,17 +281,19 @@ def preflight(cfg: RetrainConfig) -> dict:
 def load_data(spec: DataSpec):
     """The simulator dataset of ``spec`` (texts from ``collect_for``: the package's snapshot, else the
     datasets directory), embedded and pickled under the simulator cache; and where its texts came from."""
-    from .data import DATA_VERSION, build_dataset, cache_dir, collect_for
+    from .data import ANSWER_JUDGE_NAME, DATA_VERSION, build_dataset, cache_dir, collect_for, load_embedder
 
     import hashlib
 
     collected, source = collect_for(spec)
-    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), source], sort_keys=True).encode()).hexdigest()[:12]
+    embedder = load_embedder()
+    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), source, embedder.id, ANSWER_JUDGE_NAME],
+                                    sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / "runs" / f"dataset-{key}.pkl"
     if path.exists():
         with open(path, "rb") as handle:
             return pickle.load(handle), source
-    data = build_dataset(spec, progress=False, collected=collected)
+    data = build_dataset(spec, embedder, progress=False, collected=collected)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         pickle.dump(data, handle)
@@ -296,7 +318,7 @@ def run(cfg: RetrainConfig) -> dict:
         return report
 
     # 2. the current policy and the simulator
-    checkpoint, current_version = current_checkpoint(directory)
+    checkpoint, current_version = current_checkpoint(directory, configured_embedder_id())
     current, meta = load_actor(checkpoint)
     candidate, _ = load_actor(checkpoint)
     # The training-only labelled pairs feed neighbourhood demonstrations, which retraining does not use:

@@ -190,6 +190,54 @@ def test_verified_by_language_smoke() -> None:
     assert "| de |" in body and "| ru |" in body and "card δ=0.1" in body
 
 
+def test_learned_policy_by_language_smoke() -> None:
+    """benchmarks/multilingual_quality.py --lrs (#16): the learned policy shipped for the embedder, run as the
+    proxy runs it, on each PAWS-X language and on XQuAD across languages; every decision is counted once,
+    by the relation of its Eq. 4 entry to the request, and A is exactly what the cache served."""
+    _need_data_and_embedder()
+    import multilingual_quality as MQ
+
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings
+
+    res = MQ.lrs_by_language({"MiniLM": OnnxEmbedder(Settings().embedder_dir, threads=2)}, DATA, 40, 0, 2)["MiniLM"]
+    assert res["policy"].startswith("lrs-default") and set(res["pawsx"]) == set(MQ.PAWS_LANGS)
+    for key, m in [*((k, v) for r in res["pawsx"].values() for k, v in r.items() if isinstance(v, dict)),
+                   *res["xquad_across"].items()]:
+        served = sum(c["A"] for c in m["actions"].values())
+        assert served == m["hits"] and m["false"] <= m["hits"], key
+        if key == "0.02" and res["taus"]["0.02"] > 1.0:
+            assert m["hits"] == 0  # no threshold for δ: never A
+    across = res["xquad_across"]["0.02"]["actions"]
+    assert "same question, another language" in across and "another question, the same language" in across
+    assert sum(sum(c.values()) for c in across.values()) < 5 * 60  # one decision per request with a cached entry
+    body = MQ.lrs_markdown({"MiniLM": res}, "cmd", 1.0)
+    assert "| MiniLM (`lrs-default" in body and "same question, another language" in body
+
+
+def test_quality_lrs_rows_keep_their_verifier_without_the_verified_rows():
+    """benchmarks/quality.py --no-verifier drops the verified policy's rows, not the learned policy's features:
+    its verifier loads anyway, with the calibration block of the embedder the benchmark runs (its cosine floor
+    decides which hits are verified)."""
+    import argparse
+
+    import quality
+
+    from velo_proxy.embedder import OnnxEmbedder
+    from velo_proxy.settings import Settings
+
+    _need_data_and_embedder()
+    args = argparse.Namespace(verifier=False, threads=1)
+    minilm = OnnxEmbedder(Settings().embedder_dir).id
+    assert quality.load_verifier(args, embedder_id=minilm) is None
+    floors = {}
+    for embedder_id in (minilm, "intfloat/multilingual-e5-small-q4"):
+        v = quality.load_verifier(args, embedder_id=embedder_id, learned=True)
+        assert v is not None and v.embedder_id == embedder_id
+        floors[embedder_id] = v.rule(0.1).cosine_floor
+    assert floors[minilm] < floors["intfloat/multilingual-e5-small-q4"]  # e5's cosines run higher
+
+
 def test_quality_workloads_leave_out_what_the_policy_was_trained_on():
     import quality
     from policy.data import DataSpec, training_texts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from policy.baselines import decide
 from policy.evaluate import calibrate
@@ -15,7 +16,7 @@ from tests.policy_builders import export_rule_policy
 from velo_proxy import features as F
 from velo_proxy.calibration import (DELTAS, NEVER_SERVE, SERVING_RULE, calibration_record, delta_key, serve_threshold,
                                     serving_actions)
-from velo_proxy.policy import LearnedPolicy, default_policy_path
+from velo_proxy.policy import LearnedPolicy, PolicyMismatch, default_policy_path
 from velo_proxy.policy_dir import CURRENT, PolicyDirectory
 
 EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -60,6 +61,11 @@ def test_policy_directory_layout(tmp_path):
     assert directory.current() is None and directory.checkpoint() is None
     shipped = default_policy_path().with_suffix(".pt")
     assert current_checkpoint(directory) == (shipped, "lrs-default")  # nothing published: the shipped one
+    # ... the one shipped for the configured embedder; an embedder the package ships none for is refused
+    e5 = current_checkpoint(directory, "intfloat/multilingual-e5-small-q4")
+    assert e5 == (shipped.with_name("lrs-multilingual-e5-small.pt"), "lrs-multilingual-e5-small") and e5[0].is_file()
+    with pytest.raises(PolicyMismatch, match="ships no learned policy for embedder 'sentence-transformers/all-MiniLM"):
+        current_checkpoint(directory, "sentence-transformers/all-MiniLM-L6-v2-int8")
 
     onnx = directory.publish(b"onnx-v1", version="v1", info={"published_at": 1.0})
     assert onnx == directory.versions / "v1.onnx" and onnx.read_bytes() == b"onnx-v1"

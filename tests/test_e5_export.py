@@ -249,3 +249,58 @@ def test_pawsx_rows_follow_the_english_verifiers_paws_wiki_split():
     assert pawsx_train_rows(cfg) == set()  # the zero-shot protocol by default
     cfg.pawsx_train = True
     assert pawsx_train_rows(cfg) == split["train"]
+
+
+def test_the_simulator_searches_with_e5_and_judges_answers_with_minilm(exported, embedder_dir, learned_verifier_dir):
+    """An LRS for the e5 embedder is trained on e5 request vectors (what it will observe), its rewards
+    computed in MiniLM's answer space (policy.data.ANSWER_JUDGE_NAME: one reward scale for every
+    embedder), and the verified hits of its streams are the ones the proxy verifies with e5 vectors (the
+    verifier's e5 calibration block and its cosine floor, not MiniLM's)."""
+    from policy.data import DataSpec, answer_judge_dir, build_dataset, collect_texts, load_answer_judge
+    from policy.pair_scores import attach_installed_verifier
+    from velo_proxy.verifier import PairVerifier
+
+    e5 = OnnxEmbedder(exported, threads=2)
+    minilm = OnnxEmbedder(embedder_dir, threads=2)
+    assert load_answer_judge(e5).model_dir.resolve() == answer_judge_dir().resolve() == embedder_dir.resolve()
+    assert load_answer_judge(minilm) is minilm  # MiniLM's own dataset: one embedder, one pass
+    data = build_dataset(DataSpec.tiny(), e5, answer_judge=minilm, progress=False)
+    assert (data.embedder_id, data.answer_judge_id) == (e5.id, minilm.id)
+    np.testing.assert_allclose(data.q_emb[:4], e5.embed_sync(data.q_text[:4]), atol=1e-4)
+    answers = [a for c in collect_texts(DataSpec.tiny())["clusters"] for a in c["answers"]]
+    assert len(answers) == len(data.a_emb) > 4
+    np.testing.assert_allclose(data.a_emb[:4], minilm.embed_sync(answers[:4]), atol=1e-4)
+    assert not np.allclose(data.a_emb[:4], e5.embed_sync(answers[:4]), atol=1e-2)
+
+    scores = attach_installed_verifier(data, verifier_dir=learned_verifier_dir, progress=False)
+    e5_floor = PairVerifier(learned_verifier_dir, embedder_id=e5.id).rule(0.02).cosine_floor
+    minilm_floor = PairVerifier(learned_verifier_dir, embedder_id=minilm.id).rule(0.02).cosine_floor
+    assert scores.rule.cosine_floor == e5_floor != minilm_floor
+    sims = [float(data.q_emb[q] @ data.q_emb[j]) for q, j in scores.table]
+    assert sims and min(sims) >= e5_floor - 1e-4  # only pairs the proxy would verify were scored
+
+
+def test_the_learned_policy_with_e5_is_the_one_shipped_for_e5(exported, make_proxy, learned_verifier_dir, tmp_path,
+                                                               monkeypatch):
+    """VELO_POLICY=learned with VELO_EMBEDDER=multilingual-e5-small loads the policy the package ships for e5
+    (velo_proxy.policy.SHIPPED_POLICIES), not MiniLM's, and it answers; the policy names its embedder."""
+    import httpx
+
+    from tests.test_cache import ADMIN, ask
+    from velo_proxy.policy import SHIPPED_POLICIES, default_policy_path
+
+    path = default_policy_path(e5_export.embedder_id("q4"))
+    assert path.name == "lrs-multilingual-e5-small.onnx" and path.is_file()
+    version = json.loads(path.with_suffix(".json").read_text())["velo_policy_version"]
+    assert SHIPPED_POLICIES[e5_export.embedder_id("q4")] == "lrs-multilingual-e5-small"
+    home = tmp_path / "xdg"
+    (home / "velo-proxy" / "models").mkdir(parents=True)
+    (home / "velo-proxy" / "models" / "multilingual-e5-small").symlink_to(exported)
+    (home / "velo-proxy" / "models" / learned_verifier_dir.name).symlink_to(learned_verifier_dir)
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    proxy = make_proxy(embedder="multilingual-e5-small", policy="learned", admin_key=ADMIN)
+    ready = httpx.get(f"{proxy.url}/readyz").json()
+    assert ready["checks"]["policy"]["detail"] == version
+    for question in ("How do I convert a string to an integer?", "¿Cómo convierto una cadena en un entero?"):
+        _, headers = ask(proxy, question)
+        assert headers["x-velo-policy"] == version and headers["x-velo-action"] in {"A", "B", "C"}

@@ -195,9 +195,10 @@ def test_embedder_is_selected_by_name_with_the_verifier_calibrated_for_it(monkey
     cm = configmap(render("default", "config.embedder=all-MiniLM-L6-v2-int8"))  # the default verifier has its block
     assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/all-MiniLM-L6-v2-int8"
     assert (cm["VELO_VERIFIER"], cm["VELO_VERIFIER_DIR"]) == ("e5-pair-verifier", "/opt/velo/models/e5-pair-verifier")
-    for embedder in ("multilingual-e5-small", "all-MiniLM-L6-v2-int8"):
-        proc = _fails(f"config.embedder={embedder}", "policy.name=learned")
-        assert "needs policy.name=verified or threshold" in proc.stderr
+    proc = _fails("config.embedder=all-MiniLM-L6-v2-int8", "policy.name=learned")  # no policy shipped for it
+    assert "needs policy.name=verified or threshold" in proc.stderr
+    cm = configmap(render("default", "config.embedder=multilingual-e5-small", "policy.name=learned"))  # e5's own LRS
+    assert (cm["VELO_POLICY"], cm["VELO_EMBEDDER"]) == ("learned", "multilingual-e5-small")
     proc = _fails("config.embedder=multilingual-e5-small", *RETRAIN)
     assert "retrain.enabled needs config.embedder=all-MiniLM-L6-v2" in proc.stderr
     _fails("config.embedder=bge-m3")  # the schema knows the names the image can carry

@@ -381,3 +381,16 @@ def test_the_actor_reads_the_verifier_scores_and_the_veto_has_the_last_word(tmp_
     vetoed = decide({0: 0.9}, veto=True)  # the actor would serve; 0.9 is below the verifier's 0.95
     assert vetoed.action == "B" and vetoed.vetoed
     assert decide({0: 0.97}, veto=True).action == "A"
+
+
+def test_an_embedder_without_a_shipped_policy_runs_the_verified_policy_and_says_why(make_proxy, int8_embedder_dir):
+    """The package ships a learned policy per embedder (MiniLM and multilingual-e5-small); with another one
+    (MiniLM int8: its vectors differ) VELO_POLICY=learned falls back to the verified policy, never the
+    unverified threshold, and the admin stats say why."""
+    proxy = make_proxy(policy="learned", embedder="all-MiniLM-L6-v2-int8", embedder_dir=int8_embedder_dir,
+                       admin_key=ADMIN)
+    _, headers = ask(proxy, "What is the boiling point of water?")
+    assert headers["x-velo-policy"].startswith("verified")
+    stats = httpx.get(f"{proxy.url}/admin/stats", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    assert "ships no learned policy for embedder 'sentence-transformers/all-MiniLM-L6-v2-int8'" in \
+        stats["load_errors"]["policy"]

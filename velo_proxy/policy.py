@@ -125,8 +125,28 @@ class PolicyMismatch(ValueError):
     """The policy file was built for another embedder or another feature contract."""
 
 
-def default_policy_path() -> Path:
-    return Path(str(resources.files("velo_proxy") / "policies" / "lrs-default.onnx"))
+#: The LRS actor the package ships for each embedder, by embedder id: ``policies/<stem>.onnx`` (with its
+#: ``.json`` sidecar and the ``.pt`` checkpoint ``velo-proxy retrain`` starts from). A policy reads the
+#: vectors of one embedder, so each embedder needs its own (docs/policy.md, "One policy per embedder").
+SHIPPED_POLICIES: dict[str, str] = {
+    "sentence-transformers/all-MiniLM-L6-v2": "lrs-default",
+    "intfloat/multilingual-e5-small-q4": "lrs-multilingual-e5-small",
+}
+
+
+def shipped_policy_stem(embedder_id: str) -> str:
+    """The file stem of the shipped policy for ``embedder_id``; ``PolicyMismatch`` when there is none."""
+    try:
+        return SHIPPED_POLICIES[embedder_id]
+    except KeyError:
+        raise PolicyMismatch(f"the package ships no learned policy for embedder {embedder_id!r} (it ships one for "
+                             f"{', '.join(sorted(SHIPPED_POLICIES))}); train one with 'python -m policy.reproduce' "
+                             f"and set VELO_POLICY_PATH") from None
+
+
+def default_policy_path(embedder_id: str = "sentence-transformers/all-MiniLM-L6-v2") -> Path:
+    """The shipped LRS policy for ``embedder_id`` (default: the default embedder's, all-MiniLM-L6-v2)."""
+    return Path(str(resources.files("velo_proxy") / "policies" / f"{shipped_policy_stem(embedder_id)}.onnx"))
 
 
 class LearnedPolicy(Policy):

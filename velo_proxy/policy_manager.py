@@ -107,7 +107,7 @@ class PolicyManager:
                     self.rejected_versions.add(pointer["version"])
                     log.error("published policy %s refused: %s", pointer["version"], exc)
         try:
-            self.current = self.load_policy(default_policy_path())
+            self.current = self.load_policy(default_policy_path(self.embedder.id))
         except PolicyMismatch as exc:
             # the fallback holds the operator's bound too: the verified policy, never the unverified threshold
             self.load_errors["policy"] = str(exc)

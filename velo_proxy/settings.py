@@ -122,8 +122,8 @@ class Settings(BaseSettings):
     # --- pair verifier ----------------------------------------------------------------------
     verifier: Literal["pair-verifier", "e5-pair-verifier"] | None = Field(
         None, description="Which exported pair verifier to load from the models directory: 'e5-pair-verifier' "
-        "(multilingual-e5-small based, calibrated for every embedder, the one the shipped LRS policy was trained "
-        "on; the default with every policy) or 'pair-verifier' (English, all-MiniLM-L6-v2 based, faster; its "
+        "(multilingual-e5-small based, calibrated for every embedder, the one the shipped LRS policies were "
+        "trained on; the default with every policy) or 'pair-verifier' (English, all-MiniLM-L6-v2 based, faster; its "
         "calibration holds no bound, so as the verified policy's verifier it serves no semantic hit, and the "
         "learned policy refuses it). verifier_dir overrides it.")
     verifier_dir: Path = Field(
@@ -202,7 +202,7 @@ class Settings(BaseSettings):
         "verified", description="Decision policy: 'verified' (pair verifier, calibrated for max_false_hit_rate), "
         "'threshold' (plain cosine similarity, unverified) or 'learned' (the ONNX LRS actor, its hits verified)."
     )
-    policy_path: Path | None = Field(None, description="ONNX LRS policy; unset: the one shipped in the package.")
+    policy_path: Path | None = Field(None, description="ONNX LRS policy; unset: the one the package ships for the configured embedder.")
     cross_language: Literal["augment", "forward", "serve"] = Field(
         "augment", description="A semantic hit whose cached question is in another language than the request "
         "(velo_proxy.language: script, then function words): 'augment' forwards with the cached Q&A as context "

@@ -121,8 +121,8 @@ app.kubernetes.io/component: redis
 {{- if and .Values.retrain.enabled (eq .Values.policy.name "threshold") }}
 {{- fail "retrain.enabled needs policy.name=verified or learned: the threshold policy is recalibrated by nothing the retrain job learns (the verifier stage refits the verified policy's verifier, the lrs stage the learned policy)" }}
 {{- end }}
-{{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") (eq .Values.policy.name "learned") }}
-{{- fail (printf "config.embedder=%s needs policy.name=verified or threshold: the shipped LRS policy is built on all-MiniLM-L6-v2 and refuses other vectors, so learned would serve no semantic hit" .Values.config.embedder) }}
+{{- if and (eq .Values.config.embedder "all-MiniLM-L6-v2-int8") (eq .Values.policy.name "learned") }}
+{{- fail (printf "config.embedder=%s needs policy.name=verified or threshold: the package ships a learned policy for all-MiniLM-L6-v2 and one for multilingual-e5-small, each refusing other vectors, so learned would serve no semantic hit" .Values.config.embedder) }}
 {{- end }}
 {{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") .Values.retrain.enabled }}
 {{- fail (printf "retrain.enabled needs config.embedder=all-MiniLM-L6-v2: the retrain image's stages refit the pair verifier's calibration and LRS on its vectors, not on %s's" .Values.config.embedder) }}
