@@ -25,7 +25,7 @@ false hit; anything else (B, C) is answered upstream and inserted. Simulated clo
 second. No eviction (every workload fits in the cache).
 
 Systems: static cosine thresholds (GPTCache, LiteLLM, Portkey, APISIX decide this way), the shipped LRS
-policy (when ``velo_proxy/policies/lrs-default.onnx`` exists; ``--policy-file``: another export) at its
+policy for the embedder (``velo_proxy.policy.SHIPPED_POLICIES``; ``--policy-file``: another export) at its
 calibrated operating points (delta = 1/2/5/10 %) and swept over its P(A) threshold, GPTCache 0.1.x itself (sqlite + faiss +
 SearchDistanceEvaluation, our embedder plugged in as its embedding function) and the oracle (serves
 whenever a top-P hit has the right cluster: the ceiling of any policy over this retrieval).
@@ -645,6 +645,14 @@ def threshold_grid(fine: bool) -> list[float]:
 # ----- main ------------------------------------------------------------------------------------------------
 
 
+def _shown_path(path: Path | None) -> str | None:
+    """A policy file as the results name it: relative to the repository when inside it."""
+    if path is None:
+        return None
+    path = Path(path)
+    return str(path.relative_to(common.REPO) if path.is_absolute() and path.is_relative_to(common.REPO) else path)
+
+
 def load_lrs(embedder: Any, delta: float, verifier: Any = None, path: Path | None = None) -> Any | None:
     """The shipped LRS actor (or the exported actor at ``path``: a DLRS export, a retrained one) at bound
     ``delta``, its hits verified as in the proxy (the scores are features) but without the verifier's veto:
@@ -792,7 +800,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": common.machine_info(), "embedder": embedder.id, "top_p": TOP_P,
         "lrs": {"present": lrs_ok, "version": lrs[DELTAS[0]].version if lrs_ok else None,
-                "file": str(args.policy_file) if args.policy_file else "velo_proxy/policies/lrs-default.onnx",
+                "file": _shown_path(getattr(lrs[DELTAS[0]], "path", None)) if lrs_ok else None,
                 "thresholds": {str(d): lrs[d].threshold for d in LEARNED_DELTAS} if lrs_ok else None},
         "gptcache": {"error": gpt_err}, "args": {k: v for k, v in vars(args).items() if k != "func"},
         "verifier": None if verifier is None else {"id": verifier.id, "precision": verifier.metadata.get("precision"),
@@ -1015,7 +1023,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
                                    "FHR, label-noise estimate", "its 95 % upper bound", "estimate ≤ δ"], rows))
             lines.append("")
     else:
-        lines.append("LRS policy: **not present** (`velo_proxy/policies/lrs-default.onnx` did not exist when this ran); "
+        lines.append("LRS policy: **not present** (the package shipped none for this embedder when this ran); "
                      "rerun the command once it ships to add its rows and curve.\n")
     if result["gptcache"]["error"]:
         lines.append(f"GPTCache: not run ({result['gptcache']['error']}).\n")
@@ -1170,7 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verifier", dest="verifier", action="store_false", help="leave out the pair verifier's rows")
     ap.add_argument("--no-lrs", dest="lrs", action="store_false", help="leave out the shipped LRS policy's rows")
     ap.add_argument("--policy-file", type=Path, default=None,
-                    help="the exported actor measured in the LRS rows (default: the shipped lrs-default.onnx); e.g. "
+                    help="the exported actor measured in the LRS rows (default: the one shipped for the embedder); e.g. "
                          "a DLRS export from python -m policy.reproduce --dlrs, with --no-doc")
     ap.add_argument("--compare-learned", type=Path, nargs="+",
                     help="write the learned-actors section of --doc from these results (runs with --policy-file)")
