@@ -53,10 +53,7 @@ import torch
 from velo_proxy import features as F
 from velo_proxy.experience import decode_observation, read_all_streams
 from velo_proxy.calibration import calibration_record, serve_threshold
-from velo_proxy.policy import PolicyMismatch, default_policy_path
-
-#: The embedder whose shipped policy is the default start (all-MiniLM-L6-v2).
-SHIPPED_DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+from velo_proxy.policy import DEFAULT_POLICY_EMBEDDER_ID, PolicyMismatch, default_policy_path
 from velo_proxy.policy_dir import PolicyDirectory
 
 from .baselines import GreedyLLM, NeuralPolicy
@@ -193,7 +190,7 @@ def snips_value(actor: torch.nn.Module, logged: Logged, tau: float) -> float:
     return float((weight * logged.reward).sum() / weight.sum()) if weight.sum() > 0 else float("nan")
 
 
-def current_checkpoint(directory: PolicyDirectory, embedder_id: str = SHIPPED_DEFAULT_EMBEDDER) -> tuple[Path, str]:
+def current_checkpoint(directory: PolicyDirectory, embedder_id: str = DEFAULT_POLICY_EMBEDDER_ID) -> tuple[Path, str]:
     """Where fine-tuning starts: the published version's checkpoint, else the shipped policy's for
     ``embedder_id`` (``PolicyMismatch`` when the package ships none for it)."""
     published = directory.checkpoint()

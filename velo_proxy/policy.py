@@ -125,11 +125,13 @@ class PolicyMismatch(ValueError):
     """The policy file was built for another embedder or another feature contract."""
 
 
+#: The default embedder's id (all-MiniLM-L6-v2), whose policy is ``lrs-default``.
+DEFAULT_POLICY_EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 #: The LRS actor the package ships for each embedder, by embedder id: ``policies/<stem>.onnx`` (with its
 #: ``.json`` sidecar and the ``.pt`` checkpoint ``velo-proxy retrain`` starts from). A policy reads the
 #: vectors of one embedder, so each embedder needs its own (docs/policy.md, "One policy per embedder").
 SHIPPED_POLICIES: dict[str, str] = {
-    "sentence-transformers/all-MiniLM-L6-v2": "lrs-default",
+    DEFAULT_POLICY_EMBEDDER_ID: "lrs-default",
     "intfloat/multilingual-e5-small-q4": "lrs-multilingual-e5-small",
 }
 
@@ -144,7 +146,7 @@ def shipped_policy_stem(embedder_id: str) -> str:
                              f"and set VELO_POLICY_PATH") from None
 
 
-def default_policy_path(embedder_id: str = "sentence-transformers/all-MiniLM-L6-v2") -> Path:
+def default_policy_path(embedder_id: str = DEFAULT_POLICY_EMBEDDER_ID) -> Path:
     """The shipped LRS policy for ``embedder_id`` (default: the default embedder's, all-MiniLM-L6-v2)."""
     return Path(str(resources.files("velo_proxy") / "policies" / f"{shipped_policy_stem(embedder_id)}.onnx"))
 
