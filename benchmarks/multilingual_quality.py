@@ -45,7 +45,6 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -239,9 +238,10 @@ def lrs_by_language(embedders: dict[str, Any], data: Path, pawsx_pairs: int, see
     - XQuAD across languages: for each request the Eq. 4 entry's relation to it (the same question in
       another language — the oracle's C —, another question in another language, another question in the
       same language) against the action the actor takes (A at δ's τ, else the likelier of B and C)."""
-    from quality import TOP_P, LrsReplay, load_lrs, pair_scorer
+    from quality import LrsReplay, load_lrs, pair_scorer
 
     from velo_proxy import features as F
+    from velo_proxy.calibration import serving_actions
     from velo_proxy.language import language_tag, tags_differ
     from velo_proxy.settings import Settings
     from velo_proxy.verifier import PairVerifier
@@ -251,11 +251,9 @@ def lrs_by_language(embedders: dict[str, Any], data: Path, pawsx_pairs: int, see
         counts: dict[str, dict[str, int]] = {}
 
         def decide(i: int, cands: list[tuple[int, float]], st: Any) -> int | None:
-            p = lr.probs(i, cands, st)
-            hits = [SimpleNamespace(similarity=sv, entry=SimpleNamespace(cache_value=st.values[j])) for j, sv in cands]
-            k = F.select_entry(hits, top_p=TOP_P)
-            j = cands[k][0] if k is not None else cands[0][0]
-            action = "A" if p[F.ACTION_A] >= tau else ("C" if p[F.ACTION_C] > p[F.ACTION_B] else "B")
+            action = F.ACTIONS[int(serving_actions(np.array([lr.probs(i, cands, st)]), tau)[0])]  # the proxy's rule
+            j = lr.entry(cands, st)
+            j = cands[0][0] if j is None else j
             rel = relation(i, j)
             if rel is not None:
                 row = counts.setdefault(rel, {"A": 0, "B": 0, "C": 0})

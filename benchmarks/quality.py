@@ -406,14 +406,16 @@ class LrsReplay:
             self.calls += 1
         return p
 
+    def entry(self, cands: list[tuple[int, float]], st: ReplayState) -> int | None:
+        """The cached entry Eq. 4 picks among the candidates (what A serves and C puts into the prompt)."""
+        hits = [SimpleNamespace(similarity=s, entry=SimpleNamespace(cache_value=st.values[j])) for j, s in cands]
+        k = F.select_entry(hits, top_p=self.policy.top_p)
+        return cands[k][0] if k is not None else None
+
     def decider(self, tau: float) -> Callable[..., int | None]:
         def decide(i: int, cands: list[tuple[int, float]], st: ReplayState) -> int | None:
             p = self.probs(i, cands, st)
-            if p[F.ACTION_A] >= tau:
-                hits = [SimpleNamespace(similarity=s, entry=SimpleNamespace(cache_value=st.values[j])) for j, s in cands]
-                k = F.select_entry(hits, top_p=self.policy.top_p)
-                return cands[k][0] if k is not None else None
-            return None
+            return self.entry(cands, st) if p[F.ACTION_A] >= tau else None
 
         return decide
 
@@ -645,14 +647,6 @@ def threshold_grid(fine: bool) -> list[float]:
 # ----- main ------------------------------------------------------------------------------------------------
 
 
-def _shown_path(path: Path | None) -> str | None:
-    """A policy file as the results name it: relative to the repository when inside it."""
-    if path is None:
-        return None
-    path = Path(path)
-    return str(path.relative_to(common.REPO) if path.is_absolute() and path.is_relative_to(common.REPO) else path)
-
-
 def load_lrs(embedder: Any, delta: float, verifier: Any = None, path: Path | None = None) -> Any | None:
     """The shipped LRS actor (or the exported actor at ``path``: a DLRS export, a retrained one) at bound
     ``delta``, its hits verified as in the proxy (the scores are features) but without the verifier's veto:
@@ -800,7 +794,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": common.machine_info(), "embedder": embedder.id, "top_p": TOP_P,
         "lrs": {"present": lrs_ok, "version": lrs[DELTAS[0]].version if lrs_ok else None,
-                "file": _shown_path(getattr(lrs[DELTAS[0]], "path", None)) if lrs_ok else None,
+                "file": str(getattr(lrs[DELTAS[0]], "path", "")) if lrs_ok else None,
                 "thresholds": {str(d): lrs[d].threshold for d in LEARNED_DELTAS} if lrs_ok else None},
         "gptcache": {"error": gpt_err}, "args": {k: v for k, v in vars(args).items() if k != "func"},
         "verifier": None if verifier is None else {"id": verifier.id, "precision": verifier.metadata.get("precision"),

@@ -492,6 +492,13 @@ def collect_for(spec: DataSpec) -> tuple[dict, str]:
     return collect_texts(spec), f"datasets directory {root}"
 
 
+def dataset_key(spec: DataSpec, source: str, embedder_id: str) -> str:
+    """The cache key of a built dataset: the data version, the spec, where its texts came from (the same spec
+    on tests/data slices is another dataset), the request embedder and the answer judge."""
+    return hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), source, embedder_id, ANSWER_JUDGE_NAME],
+                                     sort_keys=True).encode()).hexdigest()[:12]
+
+
 def build_dataset(spec: DataSpec | None = None, embedder=None, *, answer_judge=None, progress: bool = True,
                   collected: dict | None = None) -> Dataset:
     """Collect texts (or take ``collected``, ``collect_texts``' output), embed them (disk-cached) and

@@ -48,13 +48,10 @@ CAL_SEEDS = tuple(range(777, 787))
 
 
 def _dataset(spec, out: Path):
-    from .data import ANSWER_JUDGE_NAME, DATA_VERSION, build_dataset, data_dir, load_embedder
+    from .data import build_dataset, data_dir, dataset_key, load_embedder
 
-    # the directory is part of the key (the same spec on tests/data slices is another dataset), and so is
-    # the embedder (VELO_EMBEDDER: another embedder's vectors are another dataset)
-    embedder = load_embedder()
-    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), str(data_dir().resolve()), embedder.id,
-                                     ANSWER_JUDGE_NAME], sort_keys=True).encode()).hexdigest()[:12]
+    embedder = load_embedder()  # VELO_EMBEDDER: another embedder's vectors are another dataset
+    key = dataset_key(spec, str(data_dir().resolve()), embedder.id)
     path = out / f"dataset-{key}.pkl"
     if path.exists():
         with open(path, "rb") as f:

@@ -44,7 +44,7 @@ import logging
 import pickle
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -278,15 +278,11 @@ def preflight(cfg: RetrainConfig) -> dict:
 def load_data(spec: DataSpec):
     """The simulator dataset of ``spec`` (texts from ``collect_for``: the package's snapshot, else the
     datasets directory), embedded and pickled under the simulator cache; and where its texts came from."""
-    from .data import ANSWER_JUDGE_NAME, DATA_VERSION, build_dataset, cache_dir, collect_for, load_embedder
-
-    import hashlib
+    from .data import build_dataset, cache_dir, collect_for, dataset_key, load_embedder
 
     collected, source = collect_for(spec)
     embedder = load_embedder()
-    key = hashlib.sha256(json.dumps([DATA_VERSION, asdict(spec), source, embedder.id, ANSWER_JUDGE_NAME],
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / "runs" / f"dataset-{key}.pkl"
+    path = cache_dir() / "runs" / f"dataset-{dataset_key(spec, source, embedder.id)}.pkl"
     if path.exists():
         with open(path, "rb") as handle:
             return pickle.load(handle), source
