@@ -5,11 +5,13 @@ Usage: python tests/store_crash_writer.py PATH DIM ANN_THRESHOLD RUN_TAG
 Every entry is reproducible from its id (the test recomputes it after the crash): the vector comes from a
 generator seeded with the id, the question is ``q-<id>``, and the answer names the batch and its size so
 the test can check that each ``add`` landed whole or not at all. After each committed ``add`` the writer
-prints ``<batch> <total entries written>`` and flushes.
+prints ``<batch> <total entries written>`` as one
+``write`` to the pipe (atomic below PIPE_BUF), so a kill never leaves half a line.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -52,7 +54,7 @@ def main() -> None:
         size = int(rng.integers(1, 9))
         store.add([entry_for(uuid.uuid4().hex, dim, batch, size, run) for _ in range(size)])
         total += size
-        print(batch, total, flush=True)
+        os.write(1, f"{batch} {total}\n".encode())  # print() writes each field apart
         if batch % 40 == 0:
             store.checkpoint()  # leaves ANN snapshots that are stale by the time of the kill
 
