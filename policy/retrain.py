@@ -148,12 +148,16 @@ def read_experience(redis_url: str) -> list[dict]:
     return out
 
 
-def logged_dataset(decisions: list[dict], *, qos, b_satisfaction: float) -> Logged | None:
-    """Decisions whose reward is known (a reward event, or B with the simulator's prior)."""
+def logged_dataset(decisions: list[dict], *, qos, b_satisfaction: float, embedder_id: str) -> Logged | None:
+    """Decisions whose reward is known (a reward event, or B with the simulator's prior), logged by proxies
+    that embed with ``embedder_id``."""
     rows = []
     for d in decisions:
         if int(d["k"]) != F.K:
             continue  # logged under another feature contract (an older proxy): its observations do not fit
+        if d.get("embedder") != embedder_id:
+            # another embedder's vectors (same size, another space), or a proxy that did not say which
+            continue
         action = ACTION_INDEX[d["action"]]
         if d["rewards"]:
             q = float(np.mean(d["rewards"]))
@@ -311,7 +315,8 @@ def run(cfg: RetrainConfig) -> dict:
         return report
 
     # 2. the current policy and the simulator
-    checkpoint, current_version = current_checkpoint(directory, configured_embedder_id())
+    embedder_id = configured_embedder_id()
+    checkpoint, current_version = current_checkpoint(directory, embedder_id)
     current, meta = load_actor(checkpoint)
     candidate, _ = load_actor(checkpoint)
     # The training-only labelled pairs feed neighbourhood demonstrations, which retraining does not use:
@@ -323,8 +328,9 @@ def run(cfg: RetrainConfig) -> dict:
     sim_cfg = replace(sim_cfg, qos=replace(sim_cfg.qos, w=cfg.w), seed=cfg.seed)
     qos = sim_cfg.qos
     b_satisfaction = evaluate(data, GreedyLLM(), replace(sim_cfg, split="val"), cfg.eval_steps // 3)["satisfaction"]
-    logged = logged_dataset(decisions, qos=qos, b_satisfaction=b_satisfaction)
-    report.update(current=current_version, b_satisfaction=b_satisfaction,
+    logged = logged_dataset(decisions, qos=qos, b_satisfaction=b_satisfaction, embedder_id=embedder_id)
+    report.update(current=current_version, b_satisfaction=b_satisfaction, embedder=embedder_id,
+                  decisions_of_other_embedders=sum(d.get("embedder") != embedder_id for d in decisions),
                   logged_with_reward=0 if logged is None else len(logged.action),
                   agents=0 if logged is None else logged.agents)
     if logged is None or len(logged.action) < cfg.min_decisions:
@@ -478,7 +484,12 @@ def verifier_stage(args: argparse.Namespace, settings) -> dict:
         if not path.is_file():
             return {"published": False, "reason": f"no judged pairs: neither --labels, --redis-url nor {path}"}
         labels, source = read_label_file(path), str(path)
+    try:
+        embedder_id = configured_embedder_id()  # whose judged pairs to fit on
+    except Exception as exc:  # noqa: BLE001 - reported; the lrs stage's preflight names the setting and fails
+        return {"published": False, "reason": f"the embedder (VELO_EMBEDDER_DIR) does not load: {exc}"}
     report = recalibrate(VerifierRetrainConfig(policy_dir=args.policy_dir, verifier_dir=args.verifier_dir,
+                                               embedder_id=embedder_id,
                                                max_false_hit_rate=args.max_false_hit_rate,
                                                min_labels=args.min_labels), labels)
     return {"source": source, **report}

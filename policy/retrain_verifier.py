@@ -40,7 +40,7 @@ import numpy as np
 from velo_proxy.calibration import DELTAS, calibrate, delta_key, threshold_for_bound, wilson_upper
 from velo_proxy.judging import Label
 from velo_proxy.policy_dir import PolicyDirectory
-from velo_proxy.verifier import IDENTITY_HEAD, PairVerifier, head_score
+from velo_proxy.verifier import IDENTITY_HEAD, PairVerifier, head_score, recalibration_applies
 
 log = logging.getLogger("policy.retrain_verifier")
 
@@ -53,6 +53,9 @@ class VerifierRetrainConfig:
     """Where the recalibration is published; the proxies watch it."""
     verifier_dir: Path
     """The installed pair verifier (VELO_VERIFIER_DIR): the one the proxies run."""
+    embedder_id: str
+    """The proxies' embedder: only its judged pairs are read (their similarities are its cosines), the
+    verifier's calibration block for it is the prior, and the record is published for it alone."""
     max_false_hit_rate: float = 0.02
     """The operator's bound delta at which candidate and current are compared."""
     min_labels: int = 60
@@ -115,10 +118,10 @@ def net_value(scores: np.ndarray, correct: np.ndarray, threshold: float, delta: 
 
 
 def current_recalibration(directory: PolicyDirectory, verifier: PairVerifier) -> dict[str, Any]:
-    """The head and thresholds the proxies use now: the published recalibration of this verifier,
-    else the verifier's own calibration with the identity head."""
+    """The head and thresholds the proxies use now: the published recalibration of this verifier with this
+    embedder, else the verifier's own calibration for the embedder with the identity head."""
     record = directory.verifier_recalibration()
-    if record is not None and record.get("verifier_id") == verifier.id:
+    if record is not None and recalibration_applies(record, verifier):
         return record
     cal = verifier.calibration
     return {"version": f"{verifier.id}-shipped", "head": list(IDENTITY_HEAD), "thresholds": cal.get("thresholds", {}),
@@ -127,16 +130,25 @@ def current_recalibration(directory: PolicyDirectory, verifier: PairVerifier) ->
 
 def run(cfg: VerifierRetrainConfig, labels: Sequence[Label]) -> dict[str, Any]:
     t0 = time.time()
-    report: dict[str, Any] = {"published": False, "labels": len(labels)}
+    report: dict[str, Any] = {"published": False, "labels": len(labels), "embedder": cfg.embedder_id}
     directory = PolicyDirectory(cfg.policy_dir)
-    pairs = distinct_pairs(labels)
+    # A similarity is a cosine of one embedder's space (e5's unrelated pairs score ~0.8, MiniLM's ~0.2):
+    # a head and a floor fitted on another embedder's pairs would misread this one's.
+    own = [lb for lb in labels if lb.embedder == cfg.embedder_id]
+    report["labels_of_other_embedders"] = len(labels) - len(own)
+    pairs = distinct_pairs(own)
     report["pairs"] = len(pairs)
     if len(pairs) < cfg.min_labels:
         report["reason"] = f"only {len(pairs)} distinct judged pairs (< {cfg.min_labels})"
         return report
 
     # 2. one scale: the installed verifier's scores
-    verifier = PairVerifier(cfg.verifier_dir)
+    verifier = PairVerifier(cfg.verifier_dir, embedder_id=cfg.embedder_id)
+    if verifier.embedder_id != cfg.embedder_id:
+        verifier.close()
+        report["reason"] = (f"the verifier {verifier.id} has no calibration for embedder {cfg.embedder_id} "
+                            f"(only {verifier.embedder_id})")
+        return report
     try:
         raw = verifier.score_many([lb.question for lb in pairs], [lb.cached_question for lb in pairs])
     finally:
@@ -182,7 +194,7 @@ def run(cfg: VerifierRetrainConfig, labels: Sequence[Label]) -> dict[str, Any]:
         return report
 
     version = time.strftime("vcal-%Y%m%dT%H%M%SZ", time.gmtime())
-    record = {"version": version, "verifier_id": verifier.id, "embedder_id": verifier.embedder_id,
+    record = {"version": version, "verifier_id": verifier.id, "embedder_id": cfg.embedder_id,
               "head": [float(v) for v in head], "thresholds": thresholds,
               "cosine_floor": current.get("cosine_floor", 0.75), "top_k": current.get("top_k", 3),
               "default_delta": delta, "published_at": time.time(), "recalibrated_from": current["version"],

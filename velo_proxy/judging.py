@@ -79,6 +79,7 @@ class Label:
     tokens: int = 0  # upstream tokens this judgement cost
     promoted: bool = False
     ts: float = field(default_factory=time.time)
+    embedder: str = ""  # id of the embedder that measured ``similarity`` ("": a proxy from before it was logged)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,7 +14,7 @@ from velo_proxy.policy import (LearnedPolicy, Policy, PolicyMismatch, ThresholdP
                                default_policy_path)
 from velo_proxy.policy_dir import PolicyDirectory
 from velo_proxy.settings import Settings
-from velo_proxy.verifier import VerifyRule
+from velo_proxy.verifier import VerifyRule, recalibration_applies
 
 log = logging.getLogger("velo_proxy.services")
 
@@ -60,11 +60,12 @@ class PolicyManager:
         record = PolicyDirectory(self.settings.policy_dir).verifier_recalibration()
         if record is None:
             return None
-        if record.get("verifier_id") != self.verifier.id:
+        if not recalibration_applies(record, self.verifier):
             if record["version"] not in self.rejected_versions:
                 self.rejected_versions.add(record["version"])
-                log.error("verifier recalibration %s is for verifier %s, not %s: ignored", record["version"],
-                          record.get("verifier_id"), self.verifier.id)
+                log.error("verifier recalibration %s is for verifier %s with embedder %s, not %s with %s: ignored",
+                          record["version"], record.get("verifier_id"), record.get("embedder_id"),
+                          self.verifier.id, self.verifier.embedder_id)
             return None
         return record
 

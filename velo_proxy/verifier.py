@@ -86,6 +86,12 @@ class VerifyRule:
 IDENTITY_HEAD = (1.0, 0.0, 0.0)
 
 
+def recalibration_applies(record: dict[str, Any], verifier: "PairVerifier") -> bool:
+    """Whether a published recalibration was fitted for this verifier with the embedder it serves with:
+    its head reads cosines and its floor is one, and each embedder has its own scale."""
+    return record.get("verifier_id") == verifier.id and record.get("embedder_id") == verifier.embedder_id
+
+
 def head_score(head: Sequence[float], score: Any, similarity: Any) -> Any:
     """sigmoid(a * logit(score) + b * similarity + c), elementwise on floats or arrays."""
     a, b, c = (float(x) for x in head)

@@ -95,7 +95,8 @@ class AfterResponse:
                 request_id=trace.request_id, action=decision.action, probability=decision.probability,
                 probs=decision.probs, explored=decision.explored, policy=trace.policy.version, delay_s=delay,
                 entry=decision.entry.entry.id if decision.entry is not None else None,
-                observation=decision.observation, observed_at=decision.observed_at))
+                observation=decision.observation, observed_at=decision.observed_at,
+                embedder=self.services.embedder.id))
 
     def store(self, ctx: RequestContext, answer: dict[str, Any]) -> str | None:
         """Store the upstream's complete answer under the request's key, in the background, when the

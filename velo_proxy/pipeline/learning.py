@@ -103,7 +103,8 @@ class LearningLoop:
                       verifier_score=verifier_score, served_score=float(served_score),
                       request_id=ctx.trace.request_id, agreement=verdict.agreement,
                       judge_verifier=verdict.judge_verifier,
-                      judge_model=getattr(judge, "model", None), tokens=verdict.tokens)
+                      judge_model=getattr(judge, "model", None), tokens=verdict.tokens,
+                      embedder=self.services.embedder.id)
         return label, verdict
 
     async def _keep(self, label: Label) -> None:

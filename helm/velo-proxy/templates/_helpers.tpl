@@ -124,8 +124,8 @@ app.kubernetes.io/component: redis
 {{- if and (eq .Values.config.embedder "all-MiniLM-L6-v2-int8") (eq .Values.policy.name "learned") }}
 {{- fail (printf "config.embedder=%s needs policy.name=verified or threshold: the package ships a learned policy for all-MiniLM-L6-v2 and one for multilingual-e5-small, each refusing other vectors, so learned would serve no semantic hit" .Values.config.embedder) }}
 {{- end }}
-{{- if and (ne .Values.config.embedder "all-MiniLM-L6-v2") .Values.retrain.enabled }}
-{{- fail (printf "retrain.enabled needs config.embedder=all-MiniLM-L6-v2: the retrain image's stages refit the pair verifier's calibration and LRS on its vectors, not on %s's" .Values.config.embedder) }}
+{{- if and (eq .Values.config.embedder "all-MiniLM-L6-v2-int8") .Values.retrain.enabled }}
+{{- fail (printf "retrain.enabled needs config.embedder=all-MiniLM-L6-v2 or multilingual-e5-small: the job's lrs stage fine-tunes the package's learned policy for the embedder, and none ships for %s" .Values.config.embedder) }}
 {{- end }}
 {{- if and (eq .Values.learningLoop.judge "llm") (not .Values.learningLoop.judgeModel) }}
 {{- fail "learningLoop.judge=llm needs learningLoop.judgeModel: the client model name the LLM judge asks (the proxy refuses to start without VELO_JUDGE_MODEL)" }}
