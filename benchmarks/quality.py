@@ -992,6 +992,9 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lrs = result["lrs"]
     if lrs["present"]:
         lines.append(f"LRS policy: `{lrs['version']}`, calibrated P(A) thresholds {lrs['thresholds']}.\n")
+    else:
+        lines.append("LRS policy: **not present** (the package shipped none for this embedder when this ran); "
+                     "rerun the command once it ships to add its rows and curve.\n")
     ver = result.get("verifier")
     if ver:
         lines.append(f"Pair verifier: `{ver['id']}` ({ver['precision']}), cosine floor {ver['cosine_floor']}, "
@@ -1016,9 +1019,6 @@ def markdown(result: dict[str, Any], command: str) -> str:
             lines.append(md_table(["workload", "δ", "hit rate", "correct / false hits", "FHR (every other-cluster hit)",
                                    "FHR, label-noise estimate", "its 95 % upper bound", "estimate ≤ δ"], rows))
             lines.append("")
-    else:
-        lines.append("LRS policy: **not present** (the package shipped none for this embedder when this ran); "
-                     "rerun the command once it ships to add its rows and curve.\n")
     if result["gptcache"]["error"]:
         lines.append(f"GPTCache: not run ({result['gptcache']['error']}).\n")
     lines.append("**Workloads**\n")

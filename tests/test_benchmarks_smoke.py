@@ -94,6 +94,10 @@ def test_quality_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = doc.read_text()
     assert "hand-written intro" in text and "<!-- quality:begin -->" in text and "<!-- quality:end -->" in text
     assert (tmp_path / "img" / "bench-quality-curves.png").stat().st_size > 1000
+    # without the verified policy's rows (--no-verifier) the report still names the LRS it measured
+    for verifier in (r["verifier"], None):
+        body = quality.markdown({**r, "verifier": verifier}, "cmd")
+        assert "LRS policy: `stub`" in body and "not present" not in body
     # two runs' learned actors side by side (--policy-file runs: the shipped LRS, a DLRS export)
     assert quality.main(["--compare-learned", str(out), str(out), "--doc", str(doc)]) == 0
     learned = doc.read_text().split("<!-- learned:begin -->")[1].split("<!-- learned:end -->")[0]
