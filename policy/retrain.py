@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import pickle
@@ -206,10 +207,17 @@ def current_checkpoint(directory: PolicyDirectory, embedder_id: str = DEFAULT_PO
 
 def configured_embedder_id() -> str:
     """The id of the embedder the proxy is configured with (VELO_EMBEDDER / VELO_EMBEDDER_DIR)."""
-    from velo_proxy.embedder import OnnxEmbedder
     from velo_proxy.settings import Settings
 
-    return OnnxEmbedder(Settings().embedder_dir).id
+    return _embedder_id(Settings().embedder_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _embedder_id(model_dir: Path) -> str:
+    # one load per directory and job: both stages and the preflight ask, and e5 takes ~2 s and ~400 MB to load
+    from velo_proxy.embedder import OnnxEmbedder
+
+    return OnnxEmbedder(model_dir).id
 
 
 class RetrainInputError(RuntimeError):
